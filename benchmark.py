@@ -1,0 +1,116 @@
+"""Throughput of the pieces every run is made of, on this machine, side by side with the usual
+per-sample torchvision + DataLoader input path the published code uses.
+
+    python benchmark.py                    # CPU or CUDA, whichever --device picks
+    python benchmark.py --device cpu --threads 2
+
+Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
+DataLoader pipeline, WRN-16-1 train steps (fp32, and bf16 autocast on CUDA), evaluation.
+Data are random uint8 images: throughput does not depend on content.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from config import main_guard, parse_args
+from data_loader import Normalizer, train_batches
+from models import select_model
+from utils import autocast, prepare_model, setup
+
+
+def timed(fn, device, repeat=1):
+    fn()  # warm-up (allocator, kernels, compile)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeat
+
+
+def pipeline_rate(x, y, normalizer, device, batch_size):
+    def one_epoch():
+        for xb, _ in train_batches(x, y, batch_size, normalizer, 0, 0):
+            xb.sum()  # touch it, as a model would
+    return len(y) / timed(one_epoch, device)
+
+
+def reference_rate(x, y, n=5000, batch_size=128):
+    """The published input path: PIL image per sample, torchvision transforms, DataLoader."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, Dataset
+    tf = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
+
+    class Images(Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return tf(x[i].numpy()), int(y[i])
+    loader = DataLoader(Images(), batch_size=batch_size, shuffle=True)
+    return n / timed(lambda: [b for b in loader], torch.device('cpu'))
+
+
+def train_rate(model, x, y, normalizer, device, batch_size, amp, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = [b for _, b in zip(range(steps), train_batches(x, y, batch_size, normalizer, 0, 0))]
+
+    def run():
+        for xb, yb in batches:
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return len(batches) * batch_size / timed(run, device)
+
+
+@torch.no_grad()
+def eval_rate(model, x, normalizer, device, batch_size, amp):
+    model.eval()
+
+    def run():
+        for i in range(0, len(x), batch_size):
+            with autocast(device, amp):
+                model(normalizer(x[i:i + batch_size])).argmax(1)
+    rate = len(x) / timed(run, device)
+    model.train()
+    return rate
+
+
+def main():
+    args = parse_args(batch_size=128, description=__doc__.split('\n')[0])
+    device = setup(args)
+    cuda = device.type == 'cuda'
+    n = 50000 if cuda else 10000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    xd, yd = x.to(device), y.to(device)
+    normalizer = Normalizer('cifar', device)
+    print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}')
+
+    pipe = pipeline_rate(xd, yd, normalizer, device, args.batch_size)
+    print(f'batch pipeline (crop+flip+normalise on device): {pipe:12,.0f} images/s')
+    ref = reference_rate(x, y)
+    print(f'reference DataLoader + PIL transforms:         {ref:12,.0f} images/s   (ours x{pipe / ref:.1f})')
+
+    steps = 200 if cuda else 20
+    for amp in ([False, True] if cuda else [False]):
+        torch.manual_seed(0)
+        model = prepare_model(select_model('WRN-16-1', 10), device, args)
+        if args.compile:
+            model = torch.compile(model)
+        rate = train_rate(model, xd, yd, normalizer, device, args.batch_size, amp, steps)
+        print(f"train step WRN-16-1 {'bf16' if amp else 'fp32'}:                   {rate:12,.0f} images/s   "
+              f'(pipeline = {100 * rate / pipe:.1f}% of a step)')
+        ev = eval_rate(model, xd[:10000], normalizer, device, args.eval_batch_size, amp)
+        print(f"evaluation WRN-16-1 {'bf16' if amp else 'fp32'} (batch {args.eval_batch_size}):      {ev:12,.0f} images/s")
+
+
+if __name__ == '__main__':
+    main_guard(main)

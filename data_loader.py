@@ -1,0 +1,288 @@
+"""Data: decode once to uint8 tensors, poison in one vectorised pass, batch on the device.
+
+A data set lives as x (N, H, W, C) uint8 and y (N,) int64. Images are decoded once and
+cached next to the data (or in ~/.cache/backdoor-erasing when that is read-only), so later
+runs start in seconds. Training batches are cut from tensors already on the device, with
+random crop (pad 4), horizontal flip and normalisation done on the whole batch.
+"""
+import hashlib
+import os
+import zlib
+
+import numpy as np
+import torch
+
+from config import NORMALIZATIONS, UserError, parse_normalize
+from triggers import TriggerError, apply_trigger, make_trigger
+
+# classes, image size and default normalisation of the named data sets
+DATASET_INFO = {'CIFAR10': (10, 32, 'cifar'), 'CIFAR100': (100, 32, 'cifar'),
+                'GTSRB': (43, 32, 'none'), 'ImageFolder': (None, 32, 'none')}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.webp', '.tif', '.tiff')
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- loading
+def load_dataset(name, root, image_size=None, verbose=True):
+    """-> dict(x_train, y_train, x_test, y_test, classes) with uint8 NHWC images."""
+    num_classes, default_size, _ = DATASET_INFO[name]
+    size = image_size or default_size
+    if _is_image_folder(root):
+        data = _cached(root, f'folder{size}', lambda: _read_image_folder(root, size, verbose), verbose)
+        if num_classes is not None and len(data['classes']) != num_classes:
+            raise UserError(f"{root} has {len(data['classes'])} class folders, {name} has {num_classes}")
+        return data
+    if name == 'ImageFolder':
+        raise UserError(f'{root} is not an image folder: expected {root}/train/<class>/* and {root}/test/<class>/*')
+    if size != default_size:
+        raise UserError(f'{name} from torchvision is {default_size}x{default_size}; for other sizes use an image folder')
+    return _cached(root, f'{name}{size}', lambda: _read_torchvision(name, root, size, verbose), verbose)
+
+
+def _is_image_folder(root):
+    return os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(os.path.join(root, 'test'))
+
+
+def _cached(root, key, build, verbose):
+    path = _cache_path(root, key)
+    fingerprint = _fingerprint(root)
+    if os.path.exists(path):
+        try:
+            data = torch.load(path, weights_only=True, map_location='cpu')
+            if data.get('version') == CACHE_VERSION and data.get('fingerprint') == fingerprint:
+                return data
+        except Exception:  # a broken cache is rebuilt, never trusted
+            pass
+    data = build()
+    data.update(version=CACHE_VERSION, fingerprint=fingerprint)
+    try:
+        from utils import atomic_save
+        atomic_save(data, path)
+        if verbose:
+            print(f'cached decoded images in {path}')
+    except OSError:
+        pass  # read-only everywhere: still works, just decodes again next time
+    return data
+
+
+def _cache_path(root, key):
+    root = os.path.abspath(root)
+    if os.path.isdir(root) and os.access(root, os.W_OK):
+        return os.path.join(root, f'.decoded_{key}.pt')
+    digest = hashlib.sha1(root.encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser('~/.cache/backdoor-erasing'), f'{digest}_{key}.pt')
+
+
+def _fingerprint(root):
+    """Cheap identity of an image folder (class names and file counts) so a changed tree is re-read."""
+    if not _is_image_folder(root):
+        return 'torchvision'
+    parts = []
+    for split in ('train', 'test'):
+        for cls in sorted(os.listdir(os.path.join(root, split))):
+            d = os.path.join(root, split, cls)
+            if os.path.isdir(d):
+                parts.append(f'{split}/{cls}:{len(os.listdir(d))}')
+    return ';'.join(parts)
+
+
+def _read_image_folder(root, size, verbose):
+    from PIL import Image
+    from tqdm import tqdm
+    classes = sorted(d for d in os.listdir(os.path.join(root, 'train')) if os.path.isdir(os.path.join(root, 'train', d)))
+    if not classes:
+        raise UserError(f'{root}/train has no class folders')
+    out = {'classes': classes}
+    for split in ('train', 'test'):
+        files, labels = [], []
+        for i, cls in enumerate(classes):
+            d = os.path.join(root, split, cls)
+            names = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
+            files += [os.path.join(d, f) for f in names]
+            labels += [i] * len(names)
+        if not files:
+            raise UserError(f'{root}/{split} has no images in folders named like {root}/train')
+        x = np.empty((len(files), size, size, 3), dtype=np.uint8)
+        for j, f in enumerate(tqdm(files, desc=f'decoding {split}', disable=not verbose, mininterval=2)):
+            try:
+                with Image.open(f) as img:
+                    img = img.convert('RGB')
+                    if img.size != (size, size):
+                        img = img.resize((size, size), Image.BILINEAR)
+                    x[j] = np.asarray(img)
+            except (OSError, ValueError) as e:
+                raise UserError(f'cannot decode image {f}: {e}')
+        out[f'x_{split}'] = torch.from_numpy(x)
+        out[f'y_{split}'] = torch.tensor(labels, dtype=torch.int64)
+    return out
+
+
+def _read_torchvision(name, root, size, verbose):
+    import torchvision
+    out = {}
+    try:
+        for split, train in (('train', True), ('test', False)):
+            if name == 'GTSRB':
+                ds = torchvision.datasets.GTSRB(root, split='train' if train else 'test', download=True)
+                x = np.stack([np.asarray(ds[i][0].convert('RGB').resize((size, size))) for i in range(len(ds))])
+                y = [ds._samples[i][1] for i in range(len(ds))]
+                out['classes'] = [str(i) for i in range(43)]
+            else:
+                cls = getattr(torchvision.datasets, name)
+                ds = cls(root, train=train, download=True)
+                x, y = ds.data, ds.targets
+                out['classes'] = list(ds.classes)
+            out[f'x_{split}'] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
+            out[f'y_{split}'] = torch.as_tensor(y, dtype=torch.int64)
+    except UserError:
+        raise
+    except Exception as e:  # offline: URLError, checksum or extraction failure
+        raise UserError(f'{name} is not in {root} and could not be downloaded ({type(e).__name__}); download it '
+                        f'there, or pass --data_root <dir> with <dir>/train/<class>/*, <dir>/test/<class>/*')
+    return out
+
+
+# ----------------------------------------------------------------------------- poisoning
+def seeded(seed, stream):
+    """An independent generator per purpose: poisoned indices, the clean subset and the batch
+    order must not share one random stream (they would pick the same images)."""
+    return torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(stream.encode())) % 2 ** 62)
+
+
+def make_attack(args, image_size, num_classes, meta_attack=None):
+    """Resolve the attack from flags, else the checkpoint's meta, else ATTACK_DEFAULTS."""
+    from config import ATTACK_DEFAULTS
+    meta_attack = meta_attack or {}
+    pick = lambda k: getattr(args, k) if getattr(args, k, None) is not None else meta_attack.get(k, ATTACK_DEFAULTS[k])
+    attack = {k: pick(k) for k in ATTACK_DEFAULTS}
+    if not 0 <= attack['target_label'] < num_classes:
+        raise UserError(f"target label {attack['target_label']} is outside [0, {num_classes})")
+    same_trigger = (meta_attack.get('trigger_type') == attack['trigger_type']
+                    and meta_attack.get('trig_w') == attack['trig_w'] and meta_attack.get('trig_h') == attack['trig_h']
+                    and getattr(args, 'trigger_path', None) is None)
+    if same_trigger and 'trigger' in meta_attack:  # the model's own generated trigger (WaNet grid, blend noise)
+        attack['trigger'] = meta_attack['trigger']
+    else:
+        try:
+            attack['trigger'] = make_trigger(attack['trigger_type'], image_size, attack['trig_w'], attack['trig_h'],
+                                             getattr(args, 'trigger_path', None), seed=args.seed)
+        except TriggerError as e:
+            raise UserError(str(e))
+    return attack
+
+
+def poison_train_set(x, y, attack, num_classes, seed):
+    """Poison attack['inject_portion'] of the set (of the target class for cleanLabel).
+
+    Returns (x_poisoned, y_poisoned, poisoned_indices); the chosen indices depend on seed only.
+    """
+    g = seeded(seed, 'poison')
+    kind, target = attack['target_type'], attack['target_label']
+    pool = torch.nonzero(y == target).flatten() if kind == 'cleanLabel' else torch.arange(len(y))
+    n = int(len(pool) * attack['inject_portion'])
+    idx = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
+    x, y = x.clone(), y.clone()
+    x[idx] = apply_trigger(attack['trigger'], x[idx], generator=g)
+    y[idx] = poisoned_labels(y[idx], attack, num_classes)
+    return x, y, idx
+
+
+def poisoned_labels(y, attack, num_classes):
+    if attack['target_type'] == 'all2all':
+        return (y + 1) % num_classes
+    if attack['target_type'] == 'cleanLabel':
+        return y.clone()
+    return torch.full_like(y, attack['target_label'])
+
+
+def make_test_sets(x_test, y_test, attack, num_classes, seed=0):
+    """Clean test set plus the backdoor set: every non-target image (all2all: every image)
+    with the trigger, labelled as the attack wants; y_bd_true keeps the true class for RA."""
+    nontarget = torch.ones_like(y_test, dtype=torch.bool) if attack['target_type'] == 'all2all' \
+        else y_test != attack['target_label']
+    g = seeded(seed, 'test-trigger')
+    x_bd = apply_trigger(attack['trigger'], x_test[nontarget], generator=g)
+    y_true = y_test[nontarget]
+    y_bd = (y_true + 1) % num_classes if attack['target_type'] == 'all2all' else torch.full_like(y_true, attack['target_label'])
+    return {'x_clean': x_test, 'y_clean': y_test, 'nontarget': nontarget, 'x_bd': x_bd, 'y_bd': y_bd, 'y_bd_true': y_true}
+
+
+def clean_subset(x, y, ratio, seed):
+    """The defender's clean data: a seeded random `ratio` of the training set."""
+    g = seeded(seed, 'clean-subset')
+    n = max(1, int(round(len(y) * ratio)))
+    idx = torch.randperm(len(y), generator=g)[:n].sort().values
+    return x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------- batches
+class Normalizer:
+    """uint8 NHWC -> float NCHW (channels_last memory), scaled to [0,1] and normalised."""
+
+    def __init__(self, values, device):
+        values = parse_normalize(values) if isinstance(values, str) else list(values)
+        self.values = values
+        self.mean = torch.tensor(values[:3], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(values[3:], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, x_uint8):
+        return self.normalize_float(x_uint8.permute(0, 3, 1, 2).float().div_(255))
+
+    def normalize_float(self, x01):
+        return (x01 - self.mean) / self.std
+
+
+def default_normalize(dataset):
+    return list(sum(NORMALIZATIONS[DATASET_INFO[dataset][2]], ()))
+
+
+def augment(x, generator, pad=4):
+    """Random crop with zero padding and horizontal flip on a uint8 NHWC batch, on its device."""
+    n, h, w, c = x.shape
+    padded = torch.zeros(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
+    padded[:, pad:pad + h, pad:pad + w] = x
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    flips = torch.rand(n, generator=generator).to(x.device) < 0.5
+    rows = shifts[0, :, None] + torch.arange(h, device=x.device)
+    cols = shifts[1, :, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, drop_last=False):
+    """One epoch of shuffled, augmented, normalised batches; the order depends on (seed, epoch) only,
+    which is what makes a resumed run repeat the uninterrupted one exactly."""
+    g = seeded(seed, f'batches-{epoch}')
+    order = torch.randperm(len(y), generator=g).to(x.device)
+    stop = len(y) - (len(y) % batch_size if drop_last and len(y) >= batch_size else 0)
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size]
+        xb = x[idx]
+        if augment_data:
+            xb = augment(xb, g)
+        yield normalizer(xb), y[idx]
+
+
+# ----------------------------------------------------------------------------- one call per script
+class RunData:
+    """What every script needs of the data: the training set (CPU), class count, image size,
+    normaliser, resolved attack and the test sets on the device."""
+
+    def __init__(self, args, device, meta=None, verbose=True):
+        meta = meta or {}
+        self.image_size = args.image_size or meta.get('image_size') or DATASET_INFO[args.dataset][1]
+        data = load_dataset(args.dataset, args.data_root, self.image_size, verbose)
+        self.classes = data['classes']
+        self.num_classes = args.num_class or meta.get('num_classes') or len(self.classes)
+        if self.num_classes != len(self.classes):
+            raise UserError(f'the model has {self.num_classes} classes, {args.dataset} at {args.data_root} '
+                            f'has {len(self.classes)}')
+        self.normalizer = Normalizer(args.normalize or meta.get('normalize') or default_normalize(args.dataset), device)
+        self.attack = make_attack(args, self.image_size, self.num_classes, meta.get('attack'))
+        self.x_train, self.y_train = data['x_train'], data['y_train']
+        test = make_test_sets(data['x_test'], data['y_test'], self.attack, self.num_classes, args.seed)
+        self.test = {k: v.to(device) for k, v in test.items()}
+
+    def clean_subset(self, ratio, seed, device):
+        x, y = clean_subset(self.x_train, self.y_train, ratio, seed)
+        return x.to(device), y.to(device)

@@ -1,0 +1,30 @@
+"""Evaluate a checkpoint: ACC on non-target test images, ACC on all, ASR and RA.
+
+    python evaluate.py --model weight/s_net/WRN-16-1.tar --data_root /tmp/data/cifar10
+    python evaluate.py --model published.pth.tar --arch WRN-16-1 --trigger_type gridTrigger \
+        --target_label 5 --normalize cifar --data_root /tmp/data/cifar10
+
+The attack comes from the checkpoint's meta; flags override it (needed for checkpoints
+that carry only a state_dict).
+"""
+from config import UserError, main_guard, parse_args
+from data_loader import RunData
+from utils import evaluate, load_model, setup, summary_line
+
+
+def main():
+    args = parse_args(description=__doc__.split('\n')[0])
+    if not args.model:
+        raise UserError('evaluate.py needs --model PATH')
+    device = setup(args)
+    model, meta = load_model(args.model, args, None, device)
+    data = RunData(args, device, meta)
+    if not args.json:
+        a = data.attack
+        print(f"{args.model}: {meta['arch']}, {a['trigger_type']} {a['target_type']} target {a['target_label']}, "
+              f"{len(data.test['y_clean'])} clean / {len(data.test['y_bd'])} backdoor test images")
+    print(summary_line(evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp), args.json))
+
+
+if __name__ == '__main__':
+    main_guard(main)

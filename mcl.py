@@ -1,0 +1,122 @@
+"""MCL (Yue et al., ACM MM 2023): reverse-engineer the trigger, then pull the features of
+triggered inputs towards the frozen model's features of clean ones (model-contrastive loss).
+
+Also: Neural-Cleanse-style target-label detection from per-class inverted patterns, and a
+picture of the inverted trigger.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-7
+COST_PATIENCE = 10           # steps above/below the success bound before the cost moves
+COST_UP, COST_DOWN = 1.5, 1.5 ** 1.5
+
+
+def size_penalty(param):
+    """Soft count of perturbed pixels: per pixel, max over channels of tanh(p/10)/(2-eps)+0.5."""
+    return (torch.tanh(param / 10) / (2 - EPS) + 0.5).amax(0).sum()
+
+
+def invert_trigger(model, x, target, normalizer, steps=300, batch=128, patience=60, asr_bound=0.9, init_cost=1e-3,
+                   lr=0.1, seed=0):
+    """Find a small additive pattern (3, H, W), values in [-1, 1] in [0,1]-pixel units, that sends
+    the clean uint8 images x (N, H, W, C) to `target`.
+
+    One step = one batch of `batch` images (the published code makes each step a full pass over
+    the subset). Stops once no smaller successful pattern appeared for `patience` steps.
+    Returns (pattern, info) with info = dict(l1, pixels, asr, steps, found).
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + target)
+    device = x.device
+    shape = (3, x.shape[1], x.shape[2])
+    pos = torch.rand(shape, generator=g).to(device).requires_grad_(True)
+    neg = torch.rand(shape, generator=g).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([pos, neg], lr=lr, betas=(0.5, 0.9))
+    threshold = 1.0 / 255
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cost, up, down, since_best = init_cost, 0, 0, 0
+    best, best_reg, best_pixels, best_asr = None, float('inf'), float('inf'), 0.0
+    labels = torch.full((min(batch, len(x)),), target, device=device)
+    step = 0
+    for step in range(1, steps + 1):
+        idx = torch.randperm(len(x), generator=g)[:batch].to(device)
+        x01 = x[idx].permute(0, 3, 1, 2).float() / 255
+        p_pos, p_neg = pos.clamp(0, 1), -neg.clamp(0, 1)
+        out = model(normalizer.normalize_float((x01 + p_pos + p_neg).clamp(0, 1)))
+        reg = size_penalty(pos) + size_penalty(neg)
+        loss = F.cross_entropy(out, labels[:len(idx)]) + cost * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            asr = (out.argmax(1) == target).float().mean().item()
+            current = p_pos + p_neg
+            current = torch.where(current.abs() < threshold, torch.zeros_like(current), current)
+            pixels = int((current.abs().sum(0) > 0).sum())
+            if asr >= asr_bound and reg.item() < best_reg and pixels < best_pixels:
+                best, best_reg, best_pixels, best_asr, since_best = current.clone(), reg.item(), pixels, asr, 0
+                # restart from the thresholded best, as the published code does
+                pos.copy_(current.clamp(min=0))
+                neg.copy_((-current).clamp(min=0))
+            else:
+                since_best += 1
+        up, down = (up + 1, 0) if asr >= asr_bound else (0, down + 1)
+        if up >= COST_PATIENCE:
+            up, cost = 0, cost * COST_UP if cost > 0 else init_cost
+        elif down >= COST_PATIENCE:
+            down, cost = 0, cost / COST_DOWN
+        if best is not None and since_best >= patience:
+            break
+    for p, r in zip(model.parameters(), requires):
+        p.requires_grad_(r)
+    model.train(was_training)
+    found = best is not None
+    pattern = best if found else current
+    return pattern.detach(), dict(l1=float(pattern.abs().sum()), pixels=int((pattern.abs().sum(0) > 0).sum()),
+                                  asr=best_asr if found else asr, steps=step, found=found)
+
+
+def anomaly_indices(norms):
+    """Neural Cleanse's anomaly index per class: |norm - median| / (1.4826 * MAD)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    median = np.median(norms)
+    mad = 1.4826 * np.median(np.abs(norms - median))
+    return np.abs(norms - median) / max(mad, 1e-12)
+
+
+def detect_target(norms, threshold=2.0):
+    """The class with the smallest pattern, if it is an outlier (index >= threshold) below the median.
+    Returns (label or None, its anomaly index, all indices)."""
+    idx = anomaly_indices(norms)
+    smallest = int(np.argmin(norms))
+    flagged = idx[smallest] >= threshold and norms[smallest] < np.median(norms)
+    return (smallest if flagged else None), float(idx[smallest]), idx
+
+
+def contrastive_loss(anchor, positive, negative, temperature=0.5):
+    """Cross-entropy with the positive as class 0 over cosine similarities / temperature."""
+    logits = torch.stack([F.cosine_similarity(anchor, positive, dim=-1),
+                          F.cosine_similarity(anchor, negative, dim=-1)], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long, device=anchor.device))
+
+
+def trigger_picture(pattern, clean_image, real_triggered=None, scale=4):
+    """PIL image: positive part, negative part, clean image + inverted pattern[, real triggered image].
+    pattern (3, H, W) in [-1, 1]; images uint8 (H, W, 3)."""
+    from PIL import Image
+    pos = (pattern.clamp(min=0) * 255).permute(1, 2, 0)
+    neg = (-pattern.clamp(max=0) * 255).permute(1, 2, 0)
+    stamped = (clean_image.float() + pattern.permute(1, 2, 0) * 255).clamp(0, 255)
+    panels = [pos, neg, stamped] + ([real_triggered.float()] if real_triggered is not None else [])
+    h, w = clean_image.shape[:2]
+    gap = 4
+    canvas = np.full((h * scale, len(panels) * (w * scale + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, p in enumerate(panels):
+        big = p.round().to(torch.uint8).cpu().numpy().repeat(scale, 0).repeat(scale, 1)
+        canvas[:, i * (w * scale + gap):i * (w * scale + gap) + w * scale] = big
+    return Image.fromarray(canvas)

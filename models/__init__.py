@@ -1,0 +1,25 @@
+"""Model zoo: select_model(name, num_classes).
+
+Every model's forward(x) returns logits; forward(x, features=True) returns
+(logits, (a1, a2, a3), pooled): the three group activations used by AT/NAD/ARGD and the
+pooled feature used by MCL.
+"""
+from .resnet import ResNet18, ResNet34
+from .wresnet import WideResNet
+
+MODELS = {
+    'WRN-10-1': lambda c: WideResNet(10, c, 1),
+    'WRN-10-2': lambda c: WideResNet(10, c, 2),
+    'WRN-16-1': lambda c: WideResNet(16, c, 1),
+    'WRN-16-2': lambda c: WideResNet(16, c, 2),
+    'WRN-40-1': lambda c: WideResNet(40, c, 1),
+    'WRN-40-2': lambda c: WideResNet(40, c, 2),
+    'ResNet18': ResNet18,
+    'ResNet34': ResNet34,
+}
+
+
+def select_model(name, num_classes):
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    return MODELS[name](num_classes)

@@ -1,0 +1,49 @@
+"""Draw one triggered image per trigger into one PNG (the README's trigger gallery).
+
+    python show_triggers.py --data_root /tmp/data/cifar10 --output results/triggers.png
+"""
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from config import main_guard, parse_args
+from data_loader import load_dataset
+from triggers import TRIGGERS, apply_trigger, make_trigger
+
+SCALE, GAP = 4, 6
+
+
+def main():
+    args = parse_args(description=__doc__.split('\n')[0])
+    from PIL import Image, ImageDraw
+    data = load_dataset(args.dataset, args.data_root, args.image_size)
+    image = data['x_test'][args.seed % len(data['x_test'])][None]
+    size = image.shape[1]
+    tiles = [('clean', image[0])]
+    for kind in TRIGGERS:
+        path = args.trigger_path
+        if kind == 'trojanTrigger' and not path:  # draw with a small additive square when no file is given
+            pattern = np.zeros((size, size, 3), np.float32)
+            pattern[size - 8:size - 2, size - 8:size - 2] = 120
+            path = os.path.join(tempfile.mkdtemp(), 'trojan_demo.npy')
+            np.save(path, pattern)
+        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendTrigger') else None, args.seed)
+        tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))
+        if kind == 'trojanTrigger' and not args.trigger_path:
+            os.unlink(path)
+    w = size * SCALE
+    canvas = Image.new('RGB', (len(tiles) * (w + GAP) - GAP, w + 16), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, img) in enumerate(tiles):
+        big = Image.fromarray(img.numpy()).resize((w, w), Image.NEAREST)
+        canvas.paste(big, (i * (w + GAP), 16))
+        draw.text((i * (w + GAP) + 2, 2), name, fill='black')
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    canvas.save(args.output)
+    print(f'wrote {args.output}')
+
+
+if __name__ == '__main__':
+    main_guard(main)

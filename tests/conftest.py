@@ -1,0 +1,67 @@
+"""Shared fixtures: a small synthetic image folder and a backdoored tiny model trained on it."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CLASSES = ('amber', 'blue', 'green', 'red')
+PALETTE = np.array([[200, 160, 40], [40, 60, 200], [40, 180, 60], [200, 40, 40]])
+
+
+def make_images(n_per_class, seed, size=32):
+    """Colour-coded classes with pixel noise: learnable in a few epochs by a tiny model."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(len(CLASSES)):
+        noise = rng.integers(-25, 26, size=(n_per_class, size, size, 3))
+        xs.append(np.clip(PALETTE[c] + noise, 0, 255).astype(np.uint8))
+        ys += [c] * n_per_class
+    return np.concatenate(xs), np.array(ys)
+
+
+def write_folder(root, n_train=100, n_test=50, size=32):
+    from PIL import Image
+    for split, n, seed in (('train', n_train, 0), ('test', n_test, 1)):
+        x, y = make_images(n, seed, size)
+        for i, (img, c) in enumerate(zip(x, y)):
+            d = os.path.join(root, split, CLASSES[c])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(d, f'{i:05d}.png'))
+    return root
+
+
+def run_script(script, *args, cwd=ROOT, timeout=600):
+    """Run a project script in a subprocess; returns CompletedProcess with text output."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary(stdout):
+    """Parse the fixed last line 'ACC a ACC_all b ASR c RA d'."""
+    parts = stdout.strip().splitlines()[-1].split()
+    return {parts[i]: float(parts[i + 1]) for i in range(0, len(parts), 2)}
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    return write_folder(str(tmp_path_factory.mktemp('synthetic')))
+
+
+@pytest.fixture(scope='session')
+def backdoored(image_folder, tmp_path_factory):
+    """A WRN-10-1 with a planted 5x5 corner patch (target 0), and its training output. Trained without
+    crop/flip so the patch stays in place: a tiny model learns it in a few epochs."""
+    out = tmp_path_factory.mktemp('bd')
+    ckpt = os.path.join(out, 'bd.tar')
+    r = run_script('train_badnet.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1',
+                   '--epochs', 15, '--batch_size', 32, '--lr', 0.05, '--inject_portion', 0.3, '--output', ckpt,
+                   '--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5, '--no_augment',
+                   '--log_root', out, '--seed', 1)
+    assert r.returncode == 0, r.stderr
+    return {'path': ckpt, 'dir': str(out), 'stdout': r.stdout, 'metrics': summary(r.stdout)}

@@ -1,0 +1,112 @@
+import os
+
+import pytest
+import torch
+
+from config import UserError
+from data_loader import (Normalizer, augment, clean_subset, load_dataset, make_test_sets, poison_train_set,
+                         train_batches)
+from triggers import make_trigger
+
+
+def toy(n=200, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 200, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+    return x, torch.arange(n) % classes
+
+
+def attack(target_type, portion=0.1, target=2):
+    return dict(target_type=target_type, target_label=target, inject_portion=portion,
+                trigger=make_trigger('gridTrigger', 32))
+
+
+def test_all2one_poisons_the_asked_fraction_and_relabels():
+    x, y = toy()
+    xp, yp, idx = poison_train_set(x, y, attack('all2one', 0.25), 4, seed=0)
+    assert len(idx) == 50
+    assert (yp[idx] == 2).all()
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(yp[rest], y[rest]) and torch.equal(xp[rest], x[rest])
+    assert (xp[idx, 29:32, 29:32] != x[idx, 29:32, 29:32]).any()
+
+
+def test_all2all_and_clean_label_rules():
+    x, y = toy()
+    _, yp, idx = poison_train_set(x, y, attack('all2all', 0.5), 4, seed=0)
+    assert torch.equal(yp[idx], (y[idx] + 1) % 4)
+    xp, yp, idx = poison_train_set(x, y, attack('cleanLabel', 0.5), 4, seed=0)
+    assert len(idx) == 25 and (y[idx] == 2).all()  # half of the 50 target-class images
+    assert torch.equal(yp, y)
+
+
+def test_backdoor_test_set():
+    x, y = toy()
+    t = make_test_sets(x, y, attack('all2one'), 4)
+    assert len(t['y_bd']) == 150 and (t['y_bd'] == 2).all() and (t['y_bd_true'] != 2).all()
+    assert torch.equal(t['nontarget'], y != 2)
+    t = make_test_sets(x, y, attack('all2all'), 4)
+    assert len(t['y_bd']) == 200 and torch.equal(t['y_bd'], (y + 1) % 4)
+
+
+def test_seeds_fix_subsets_and_poisoned_indices():
+    x, y = toy()
+    a1 = poison_train_set(x, y, attack('all2one'), 4, seed=3)[2]
+    assert torch.equal(a1, poison_train_set(x, y, attack('all2one'), 4, seed=3)[2])
+    assert not torch.equal(a1, poison_train_set(x, y, attack('all2one'), 4, seed=4)[2])
+    s1 = clean_subset(x, y, 0.1, seed=3)[0]
+    assert torch.equal(s1, clean_subset(x, y, 0.1, seed=3)[0]) and len(s1) == 20
+    assert not torch.equal(s1, clean_subset(x, y, 0.1, seed=4)[0])
+
+
+def test_batch_order_and_poisoning_use_independent_streams():
+    # a shared stream once put every poisoned image first in epoch 0
+    x, y = toy(1000)
+    _, yp, idx = poison_train_set(x, y, attack('all2one', 0.1), 4, seed=0)
+    first = next(train_batches(x, yp, 100, Normalizer('none', 'cpu'), 0, 0))[1]
+    assert (first == 2).float().mean() < 0.6
+
+
+def test_augment_is_a_shifted_window_or_its_mirror():
+    x, _ = toy(64)
+    out = augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (4, 4, 4, 4)).permute(0, 2, 3, 1)
+    flips = 0
+    for i in range(64):
+        windows = [padded[i, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        plain = any(torch.equal(out[i], w) for w in windows)
+        mirrored = any(torch.equal(out[i].flip(1), w) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 15 < flips < 49
+
+
+def test_batches_are_normalised_on_the_device():
+    x, y = toy(512)
+    norm = Normalizer('0.5,0.5,0.5,0.25,0.25,0.25', 'cpu')
+    xb, yb = next(train_batches(x, y, 512, norm, 0, 0, augment_data=False))
+    assert xb.shape == (512, 3, 32, 32) and xb.dtype == torch.float32
+    raw = x.float().div(255)
+    assert abs(xb.mean().item() - (raw.mean().item() - 0.5) / 0.25) < 1e-4
+    assert xb.is_contiguous(memory_format=torch.channels_last)
+    assert sorted(yb.tolist()) == sorted(y.tolist())
+    batches = list(train_batches(x, y, 100, norm, 0, 1))
+    assert [len(b[1]) for b in batches] == [100] * 5 + [12]
+    assert [len(b[1]) for b in train_batches(x, y, 100, norm, 0, 1, drop_last=True)] == [100] * 5
+
+
+def test_image_folder_is_read_once_and_cached(image_folder):
+    d = load_dataset('ImageFolder', image_folder)
+    assert d['classes'] == ['amber', 'blue', 'green', 'red']
+    assert d['x_train'].shape == (400, 32, 32, 3) and d['x_test'].shape == (200, 32, 32, 3)
+    assert d['x_train'].dtype == torch.uint8 and d['y_train'].bincount().tolist() == [100] * 4
+    assert os.path.exists(os.path.join(image_folder, '.decoded_folder32.pt'))
+    again = load_dataset('ImageFolder', image_folder)
+    assert torch.equal(again['x_test'], d['x_test'])
+    with pytest.raises(UserError, match='4 class folders, CIFAR10 has 10'):
+        load_dataset('CIFAR10', image_folder)
+
+
+def test_folder_without_splits_is_rejected(tmp_path):
+    with pytest.raises(UserError, match='train/<class>'):
+        load_dataset('ImageFolder', str(tmp_path))

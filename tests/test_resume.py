@@ -1,0 +1,69 @@
+"""Exact resume after SIGKILL, deterministic runs, and a NaN loss stopping the run."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, run_script
+
+
+def badnet_args(image_folder, out, seed=1, epochs=4):
+    return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1', '--epochs', epochs,
+            '--batch_size', 32, '--lr', 0.05, '--output', out, '--log_root', os.path.dirname(out), '--seed', seed,
+            '--threads', 1]
+
+
+def rows(path, drop=('seconds',)):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def test_kill_and_resume_is_bit_identical(image_folder, tmp_path):
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    a, b = str(tmp_path / 'a' / 'm.tar'), str(tmp_path / 'b' / 'm.tar')
+    r = run_script('train_badnet.py', *badnet_args(image_folder, a))
+    assert r.returncode == 0, r.stderr
+
+    cmd = [sys.executable, os.path.join(ROOT, 'train_badnet.py'), *map(str, badnet_args(image_folder, b))]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(b + '.resume') and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)  # into the second epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert os.path.exists(b + '.resume') and not os.path.exists(b), 'the run was not killed mid-way'
+
+    r = run_script('train_badnet.py', *badnet_args(image_folder, b), '--resume')
+    assert r.returncode == 0, r.stderr
+    assert 'resuming badnet from epoch' in r.stdout
+    sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log = os.path.join(os.path.dirname(b), 'train_badnet_m.csv')
+    assert [r['epoch'] for r in rows(log)] == ['1', '2', '3', '4']
+    assert rows(log) == rows(os.path.join(os.path.dirname(a), 'train_badnet_m.csv'))
+    assert not os.path.exists(b + '.resume')
+
+
+def test_seeds_decide_the_run(image_folder, tmp_path):
+    logs = []
+    for name, seed in (('s1', 1), ('s1b', 1), ('s2', 2)):
+        (tmp_path / name).mkdir()
+        out = str(tmp_path / name / 'm.tar')
+        r = run_script('train_badnet.py', *badnet_args(image_folder, out, seed=seed, epochs=2))
+        assert r.returncode == 0, r.stderr
+        logs.append(rows(os.path.join(os.path.dirname(out), 'train_badnet_m.csv')))
+    assert logs[0] == logs[1] and logs[0] != logs[2]
+
+
+def test_nan_loss_stops_with_a_clear_message(image_folder, tmp_path):
+    out = str(tmp_path / 'nan.tar')
+    r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=2), '--lr', '1e30')
+    assert r.returncode == 2
+    assert 'loss became NaN/inf at epoch 1 step' in r.stderr and 'Traceback' not in r.stderr
+    assert not os.path.exists(out)

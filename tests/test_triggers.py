@@ -1,0 +1,96 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger
+
+
+def grey(n=3, value=100):
+    return torch.full((n, 32, 32, 3), value, dtype=torch.uint8)
+
+
+def changed_pixels(kind, **kw):
+    x = grey()
+    out = apply_trigger(make_trigger(kind, 32, **kw), x)
+    assert torch.equal(x, grey()), 'the input must not be modified'
+    return {(r, c) for r, c in (out[0] != x[0]).any(-1).nonzero().tolist()}, out
+
+
+def block(r0, c0, h=3, w=3):
+    return {(r, c) for r in range(r0, r0 + h) for c in range(c0, c0 + w)}
+
+
+def test_grid_trigger_is_the_reference_3x3_patch():
+    pix, out = changed_pixels('gridTrigger')
+    assert pix == block(29, 29)
+    assert out[0, 29:32, 29:32, 0].tolist() == [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
+    assert torch.equal(out[0], out[2])  # same for every image
+
+
+def test_square_trigger_keeps_a_one_pixel_gap():
+    pix, out = changed_pixels('squareTrigger', trig_w=4, trig_h=2)
+    assert pix == block(27, 29, 4, 2)
+    assert (out[0, 27:31, 29:31] == 255).all()
+
+
+def test_four_corner_and_center_triggers():
+    pix, _ = changed_pixels('fourCornerTrigger')
+    assert pix == block(29, 29) | block(1, 1) | block(29, 1) | block(1, 29)
+    pix, out = changed_pixels('centerTrigger')
+    assert pix == block(18, 18)
+    assert out[0, 18:21, 18:21, 1].tolist() == [[255, 0, 255], [0, 255, 0], [255, 0, 0]]
+    pix, out = changed_pixels('argdCenterTrigger')
+    assert pix == block(18, 18)
+    assert out[0, 18:21, 18:21, 2].tolist() == [[255, 128, 255], [128, 255, 128], [255, 128, 128]]
+
+
+def test_blend_is_a_fixed_alpha_02_mix():
+    trig = make_trigger('blendTrigger', 32)
+    out = apply_trigger(trig, grey())
+    expected = (0.8 * 100 + 0.2 * trig['pattern'].float()).to(torch.uint8)
+    assert torch.equal(out[1], expected)
+    assert torch.equal(trig['pattern'], make_trigger('blendTrigger', 32, seed=5)['pattern'])  # fixed noise
+
+
+def test_random_pixel_noise_is_fresh_per_image_and_grey():
+    out = apply_trigger(make_trigger('randomPixelTrigger', 32), grey(), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(out[0], out[1])
+    assert torch.equal(out[..., 0], out[..., 1])  # one noise value per pixel for all channels
+    assert out.min() >= 80 and out.max() <= 131
+
+
+def test_signal_trigger_is_a_horizontal_sinusoid():
+    out = apply_trigger(make_trigger('signalTrigger', 32), grey()).int() - 100
+    expected = [round(20 * math.sin(2 * math.pi * j * 6 / 32)) for j in range(32)]
+    assert out[0, 7, :, 0].tolist() == expected
+    assert (out[0] == out[0, :1]).all()  # constant along rows
+
+
+def test_trojan_needs_a_pattern_file_and_adds_it(tmp_path):
+    with pytest.raises(TriggerError, match='trigger_path'):
+        make_trigger('trojanTrigger', 32)
+    pattern = np.zeros((3, 32, 32), np.float32)
+    pattern[:, 0, 0] = 200
+    np.save(tmp_path / 'p.npy', pattern)
+    out = apply_trigger(make_trigger('trojanTrigger', 32, trigger_path=str(tmp_path / 'p.npy')), grey())
+    assert out[0, 0, 0].tolist() == [255, 255, 255]  # clamped, not wrapped around
+    assert (out[0].int() - 100).abs().sum() == 3 * 155
+
+
+def test_wanet_warp_depends_on_seed_only():
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 32, 1).expand(2, 32, 32, 3).contiguous()
+    a, b, c = (apply_trigger(make_trigger('wanetTrigger', 32, seed=s), ramp) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 < (a != ramp).float().mean() < 0.9  # a mild warp
+    flat = grey()
+    assert torch.equal(apply_trigger(make_trigger('wanetTrigger', 32, seed=1), flat), flat)
+
+
+def test_unknown_trigger_and_bad_size():
+    with pytest.raises(TriggerError, match='unknown trigger'):
+        make_trigger('nope', 32)
+    with pytest.raises(TriggerError):
+        make_trigger('squareTrigger', 32, trig_w=40)
+    assert len(TRIGGERS) == 10

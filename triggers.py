@@ -1,0 +1,148 @@
+"""Backdoor triggers, applied to whole batches of uint8 images (N, H, W, C) at once.
+
+make_trigger() builds a small dict that fully describes a trigger, including any generated
+tensor (blend pattern, SIG signal, WaNet warp grid). It is stored in the checkpoint's
+meta, so evaluation later uses exactly the trigger the model was trained with.
+Pixel layouts follow the NAD/MCL reference code (row index first).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TRIGGERS = ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger',
+            'blendTrigger', 'randomPixelTrigger', 'signalTrigger', 'trojanTrigger', 'wanetTrigger')
+
+BLEND_ALPHA = 0.2        # Blended / random-pixel attacks: weight of the pattern
+BLEND_NOISE_SEED = 1234  # the default blend pattern is the same noise image for every run
+SIG_DELTA, SIG_FREQ = 20, 6
+WANET_K, WANET_S = 4, 0.5
+
+# 3x3 checkerboard-like patch of the reference code, rows top to bottom.
+GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))      # bottom-right corner
+CORNER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # other corners (reference rows 1..3)
+CENTER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # rows/cols size-14 .. size-12
+ARGD_CENTER = ((255, 128, 255), (128, 255, 128), (255, 128, 128))
+
+
+class TriggerError(ValueError):
+    pass
+
+
+def _patches(kind, h, w, trig_w, trig_h):
+    """(row0, col0, 2-D values) patches stamped by the patch triggers."""
+    if kind == 'gridTrigger':
+        return [(h - 3, w - 3, GRID)]
+    if kind == 'squareTrigger':  # the reference leaves a 1-pixel gap to the border
+        return [(h - 1 - trig_w, w - 1 - trig_h, [[255] * trig_h] * trig_w)]
+    if kind == 'fourCornerTrigger':
+        # the reference's 'right top'/'left bottom' land at bottom-left/top-right in row-major images
+        top_right = ((255, 0, 255), (0, 255, 0), (0, 0, 255))
+        return [(h - 3, w - 3, GRID), (1, 1, CORNER), (h - 3, 1, CORNER[::-1]), (1, w - 3, top_right)]
+    if kind == 'centerTrigger':
+        return [(h - 14, w - 14, CENTER)]
+    if kind == 'argdCenterTrigger':
+        return [(h - 14, w - 14, ARGD_CENTER)]
+    return []
+
+
+def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None, seed=0):
+    """Describe a trigger: {'trigger_type', 'trig_w', 'trig_h', 'mask', 'pattern'}."""
+    if trigger_type not in TRIGGERS:
+        raise TriggerError(f"unknown trigger '{trigger_type}' (choose from {', '.join(TRIGGERS)})")
+    h = w = image_size
+    if trig_w < 1 or trig_h < 1 or trig_w > h - 2 or trig_h > w - 2:
+        raise TriggerError(f'trigger size {trig_w}x{trig_h} does not fit {h}x{w} images')
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    pattern = None
+    patches = _patches(trigger_type, h, w, trig_w, trig_h)
+    if patches:
+        pattern = torch.zeros(h, w, 3, dtype=torch.uint8)
+        for r0, c0, values in patches:
+            vals = torch.tensor(values, dtype=torch.uint8)
+            pattern[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = vals[..., None]
+            mask[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = True
+    elif trigger_type == 'blendTrigger':
+        if trigger_path:
+            pattern = read_pattern_image(trigger_path, image_size)
+        else:
+            g = torch.Generator().manual_seed(BLEND_NOISE_SEED)
+            pattern = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+    elif trigger_type == 'signalTrigger':
+        cols = torch.arange(w, dtype=torch.float32)
+        signal = SIG_DELTA * torch.sin(2 * math.pi * cols * SIG_FREQ / w)  # varies along columns
+        pattern = signal.view(1, w, 1).expand(h, w, 3).contiguous()       # float, added to the image
+    elif trigger_type == 'trojanTrigger':
+        if not trigger_path:
+            raise TriggerError('trojanTrigger needs --trigger_path (an additive pattern: .npy/.npz or image)')
+        pattern = read_pattern_array(trigger_path, image_size)
+    elif trigger_type == 'wanetTrigger':
+        g = torch.Generator().manual_seed(seed)
+        ins = torch.rand(1, 2, WANET_K, WANET_K, generator=g) * 2 - 1
+        ins = ins / ins.abs().mean()
+        noise = F.interpolate(ins, size=h, mode='bicubic', align_corners=True).permute(0, 2, 3, 1)
+        lin = torch.linspace(-1, 1, h)
+        xx, yy = torch.meshgrid(lin, lin, indexing='ij')
+        identity = torch.stack((yy, xx), 2)[None]
+        pattern = torch.clamp(identity + WANET_S * noise / h, -1, 1)[0]  # the sampling grid (H, W, 2)
+    return {'trigger_type': trigger_type, 'trig_w': trig_w, 'trig_h': trig_h, 'mask': mask, 'pattern': pattern}
+
+
+def read_pattern_image(path, image_size):
+    from PIL import Image
+    try:
+        img = Image.open(path).convert('RGB').resize((image_size, image_size))
+    except (OSError, ValueError) as e:
+        raise TriggerError(f'cannot read trigger image {path}: {e}')
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+def read_pattern_array(path, image_size):
+    """Additive pattern in pixel units, HxWxC or CxHxW, from .npy/.npz (key 'x' or the first) or an image."""
+    if str(path).endswith(('.npy', '.npz')):
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                arr = arr['x'] if 'x' in arr.files else arr[arr.files[0]]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise TriggerError(f'cannot read trigger pattern {path}: {e}')
+        t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if t.ndim == 3 and t.shape[0] == 3 and t.shape[-1] != 3:
+            t = t.permute(1, 2, 0)
+        if t.shape != (image_size, image_size, 3):
+            raise TriggerError(f'trigger pattern {path} has shape {tuple(t.shape)}, expected {image_size}x{image_size}x3')
+        return t.contiguous()
+    return read_pattern_image(path, image_size).float()
+
+
+def apply_trigger(trigger, x, generator=None):
+    """Return triggered copies of uint8 images x (N, H, W, C); x is not modified."""
+    kind, pattern = trigger['trigger_type'], trigger['pattern']
+    if x.shape[0] == 0:
+        return x.clone()
+    if kind in ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger'):
+        mask = trigger['mask'].to(x.device)[None, :, :, None]
+        return torch.where(mask, pattern.to(x.device)[None], x)
+    if kind == 'blendTrigger':
+        return _blend(x, pattern.to(x.device)[None].float())
+    if kind == 'randomPixelTrigger':  # fresh grey-level noise per image, shared by the channels
+        n, h, w, _ = x.shape
+        noise = torch.randint(0, 256, (n, h, w, 1), generator=generator, dtype=torch.uint8)
+        return _blend(x, noise.to(x.device).float())
+    if kind in ('signalTrigger', 'trojanTrigger'):
+        return (x.float() + pattern.to(x.device)[None]).round().clamp(0, 255).to(torch.uint8)
+    if kind == 'wanetTrigger':
+        out = []
+        for chunk in x.split(4096):  # bounded memory for 50k-image sets
+            img = chunk.permute(0, 3, 1, 2).float()
+            grid = pattern.to(x.device)[None].expand(img.shape[0], -1, -1, -1)
+            warped = F.grid_sample(img, grid, align_corners=True)
+            out.append(warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+        return torch.cat(out).contiguous()
+    raise TriggerError(f"unknown trigger '{kind}'")
+
+
+def _blend(x, pattern):
+    # truncation, as the reference's astype('uint8')
+    return ((1 - BLEND_ALPHA) * x.float() + BLEND_ALPHA * pattern).clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,321 @@
+"""Shared machinery: device and seeds, atomic files, checkpoints, the one evaluation
+function, and the one training loop every script uses."""
+import csv
+import io
+import json
+import math
+import os
+import pickle
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from config import UserError
+from models import MODELS, select_model
+
+METRICS = ('ACC', 'ACC_all', 'ASR', 'RA')
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ----------------------------------------------------------------------------- setup
+def setup(args):
+    """Pick the device, threads and global seed; returns the torch.device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda asked for, but no CUDA device is available')
+    torch.manual_seed(args.seed)
+    args.amp = device.type == 'cuda' and args.precision in ('auto', 'bf16') or args.precision == 'bf16'
+    return device
+
+
+def autocast(device, enabled):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_model(model, device, args):
+    """Move to the device in channels_last layout: batches arrive as NHWC memory, and it
+    measured faster on CPU too (see README, Performance)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def compiled(model, args):
+    return torch.compile(model) if args.compile else model
+
+
+# ----------------------------------------------------------------------------- files
+def check_writable(path):
+    """Fail before any work if `path` (a file to be written) cannot be created."""
+    d = os.path.dirname(os.path.abspath(path))
+    probe = d
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise UserError(f'cannot write {path}: {probe} is not a writable directory')
+    if os.path.isdir(path):
+        raise UserError(f'cannot write {path}: it is a directory')
+
+
+def atomic_write_bytes(data, path):
+    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def write_csv(rows, path):
+    if not rows:
+        return
+    keys = list(rows[0])
+    for r in rows[1:]:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator='\n')
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(buf.getvalue().encode(), path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load with weights_only=True (checkpoints are untrusted input) and clear errors."""
+    if not path or not os.path.exists(path):
+        raise UserError(f'checkpoint not found: {path}')
+    if os.path.isdir(path):
+        raise UserError(f'expected a checkpoint file, got a directory: {path}')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'checkpoint is empty: {path}')
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'global' in str(e).lower():  # the weights-only unpickler met a class or function reference
+            raise UserError(f'refused to load {path}: it holds Python objects beyond tensors and plain containers '
+                            '(a pickle that could run code)')
+        raise UserError(f'not a readable checkpoint (truncated or corrupt): {path}')
+    except Exception:
+        raise UserError(f'not a readable checkpoint (truncated or corrupt): {path}')
+    if not isinstance(obj, dict):
+        raise UserError(f'not a checkpoint (expected a dict with a state_dict): {path}')
+    return obj
+
+
+def state_dict_of(ckpt, path):
+    sd = ckpt.get('state_dict', ckpt)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f'no state_dict of tensors in checkpoint: {path}')
+    return {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
+
+
+def load_model(path, args, num_classes_hint, device):
+    """Build the checkpoint's model (arch/classes from its meta, else flags) and load its weights.
+    Returns (model, meta)."""
+    ckpt = load_checkpoint(path, map_location=device)
+    meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
+    sd = state_dict_of(ckpt, path)
+    arch = args.arch or meta.get('arch') or 'WRN-16-1'
+    if arch not in MODELS:
+        raise UserError(f"{path}: unknown model '{arch}' in meta")
+    num_classes = args.num_class or meta.get('num_classes') or num_classes_hint
+    if num_classes is None:  # an image folder not read yet: infer from the classifier
+        num_classes = next((v.shape[0] for k, v in sd.items() if k in ('fc.weight', 'linear.weight')), 10)
+    model = select_model(arch, num_classes)
+    load_weights(model, sd, path, f'{arch} with {num_classes} classes')
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f'{path}: weights contain NaN or inf ({k})')
+    meta = dict(meta, arch=arch, num_classes=num_classes)
+    return prepare_model(model, device, args), meta
+
+
+def load_weights(model, sd, path, what):
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)):
+            if keys:
+                parts.append(f"{name} {len(keys)}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        raise UserError(f'{path} does not fit {what} ({"; ".join(parts)}); set --arch/--num_class')
+    model.load_state_dict(sd, strict=False)
+
+
+def save_checkpoint(path, model, meta, epoch, metrics):
+    """The field's checkpoint layout plus `meta`; final values, never 'best by test ASR'."""
+    sd = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    atomic_save({'state_dict': sd, 'epoch': epoch, 'best_clean_acc': metrics.get('ACC'),
+                 'best_bad_acc': metrics.get('ASR'), 'metrics': metrics, 'meta': meta}, path)
+
+
+def unwrap(model):
+    return getattr(model, '_orig_mod', model)
+
+
+def make_meta(args, arch, num_classes, image_size, normalizer, attack, script):
+    attack = dict(attack)
+    attack['trigger'] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in attack['trigger'].items()}
+    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {'arch': arch, 'num_classes': num_classes, 'dataset': args.dataset, 'image_size': image_size,
+            'normalize': list(normalizer.values), 'attack': attack, 'script': script, 'args': plain}
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model, x, normalizer, batch_size, amp=False):
+    preds = []
+    for i in range(0, len(x), batch_size):
+        with autocast(x.device, amp):
+            preds.append(model(normalizer(x[i:i + batch_size])).argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def evaluate(model, test, normalizer, batch_size=1000, amp=False):
+    """ACC on non-target test images (the papers' number), ACC on all, ASR, RA, in percent."""
+    was_training = model.training
+    model.eval()
+    ok = predict(model, test['x_clean'], normalizer, batch_size, amp) == test['y_clean']
+    p_bd = predict(model, test['x_bd'], normalizer, batch_size, amp)
+    model.train(was_training)
+    pct = lambda t: round(100.0 * t.float().mean().item(), 2) if t.numel() else 0.0
+    return {'ACC': pct(ok[test['nontarget']]), 'ACC_all': pct(ok), 'ASR': pct(p_bd == test['y_bd']),
+            'RA': pct(p_bd == test['y_bd_true'])}
+
+
+def summary_line(metrics, as_json=False):
+    if as_json:
+        return json.dumps({k: metrics[k] for k in METRICS})
+    return ' '.join(f'{k} {metrics[k]:.2f}' for k in METRICS)
+
+
+# ----------------------------------------------------------------------------- training
+def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv_path, epochs=None, params=None,
+        extra_modules=None, nesterov=False, evaluate_first=False, tag='train'):
+    """The training loop of every script.
+
+    loss_fn(x, y) -> scalar loss; batches(epoch) -> iterable of (x, y) on the device;
+    lr_at(epoch) -> learning rate of that epoch (0-based). Each epoch ends with an atomic
+    resume state (model, optimiser, extra modules, RNG, CSV rows), so --resume after a crash
+    repeats the uninterrupted run exactly. Returns the CSV rows.
+    """
+    epochs = args.epochs if epochs is None else epochs
+    extra_modules = extra_modules or {}
+    params = list(params if params is not None else model.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
+                                nesterov=nesterov)
+    state_path = out_path + '.resume'
+    run_id = dict({k: getattr(args, k) for k in ('seed', 'batch_size', 'ratio', 'dataset')}, epochs=epochs,
+                  lr=[lr_at(e) for e in range(epochs)], tag=tag)
+    rows, start = [], 0
+    if args.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path, map_location=next(model.parameters()).device)
+        if state.get('run_id') != run_id:
+            raise UserError(f'{state_path} was written by a run with other options {state.get("run_id")}; '
+                            'delete it or rerun without --resume')
+        unwrap(model).load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        for name, m in extra_modules.items():
+            m.load_state_dict(state['extra'][name])
+        torch.set_rng_state(state['rng'])
+        rows, start = state['rows'], state['epoch']
+        print(f'resuming {tag} from epoch {start} ({state_path})')
+    elif evaluate_first:
+        m = evaluate(model, test, normalizer, args.eval_batch_size, args.amp)
+        rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **m, seconds=0.0))
+        print(log_line(rows[-1], epochs, tag))
+        write_csv(rows, csv_path)
+    device = next(model.parameters()).device
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        lr = lr_at(epoch)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        model.train()
+        total = torch.zeros((), device=device)
+        bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        steps = 0
+        for x, y in batches(epoch):
+            with autocast(device, args.amp):
+                loss = loss_fn(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # no host sync per step: remember the first non-finite step on the device
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), steps, bad_step)
+            total += loss.detach().float()
+            steps += 1
+        if bad_step.item() >= 0:
+            raise UserError(f'{tag}: loss became NaN/inf at epoch {epoch + 1} step {bad_step.item() + 1}; '
+                            f'stopped, the last good state is {state_path if os.path.exists(state_path) else "the input model"}')
+        row = dict(epoch=epoch + 1, lr=lr, loss=round(total.item() / max(steps, 1), 5))
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+            row.update(evaluate(model, test, normalizer, args.eval_batch_size, args.amp))
+        row['seconds'] = round(time.time() - t0, 2)
+        rows.append(row)
+        print(log_line(row, epochs, tag), flush=True)
+        write_csv(rows, csv_path)
+        atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                     'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
+                     'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
+    return rows
+
+
+def log_line(row, epochs, tag):
+    parts = [f"{tag} epoch {row['epoch']:3d}/{epochs}", f"lr {row['lr']:.4f}"]
+    if not math.isnan(row['loss']):
+        parts.append(f"loss {row['loss']:.4f}")
+    parts += [f'{k} {row[k]:6.2f}' for k in ('ACC', 'ASR', 'RA') if k in row]
+    parts.append(f"{row['seconds']:.1f}s")
+    return '  '.join(parts)
+
+
+def finish(path):
+    """Drop the resume state once the final model is safely written."""
+    if os.path.exists(path + '.resume'):
+        os.unlink(path + '.resume')
+
+
+def defense_setup(args):
+    """Everything a defense starts from: device, the model under defense (--s_model) and its
+    meta, the data with the attack for evaluation, and the defender's clean subset."""
+    from types import SimpleNamespace
+    from data_loader import RunData
+    device = setup(args)
+    s_path = args.s_model or os.path.join(args.checkpoint_root, 's_net', f'{args.arch or "WRN-16-1"}.tar')
+    model, meta = load_model(s_path, args, None, device)
+    data = RunData(args, device, meta)
+    x, y = data.clean_subset(args.ratio, args.seed, device)
+    s_name = os.path.splitext(os.path.basename(s_path))[0]
+    print(f"{s_path}: {meta['arch']}, attack {data.attack['trigger_type']} {data.attack['target_type']} "
+          f"target {data.attack['target_label']} (for evaluation only); {len(y)} clean images ({args.ratio:g} of train)")
+    return SimpleNamespace(device=device, model=model, meta=meta, data=data, x=x, y=y, s_path=s_path, s_name=s_name)
+
+
+def defense_meta(meta, args, defense):
+    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return dict(meta, defense=defense, defense_args=plain)
