@@ -103,7 +103,9 @@ def _read_image_folder(root, size, verbose):
         if not files:
             raise UserError(f'{root}/{split} has no images in folders named like {root}/train')
         x = np.empty((len(files), size, size, 3), dtype=np.uint8)
-        for j, f in enumerate(tqdm(files, desc=f'decoding {split}', disable=not verbose, mininterval=2)):
+        # a bar for the human at a terminal only (disable=None: off when stderr is not a TTY)
+        bar = tqdm(files, desc=f'decoding {split}', disable=None if verbose else True, mininterval=2)
+        for j, f in enumerate(bar):
             try:
                 with Image.open(f) as img:
                     img = img.convert('RGB')

@@ -8,6 +8,7 @@ import os
 import pickle
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,9 @@ def load_checkpoint(path, map_location='cpu'):
     if os.path.getsize(path) == 0:
         raise UserError(f'checkpoint is empty: {path}')
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. 'Detected pickle protocol 4': the error below says it all
+            warnings.simplefilter('ignore')
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if 'global' in str(e).lower():  # the weights-only unpickler met a class or function reference
             raise UserError(f'refused to load {path}: it holds Python objects beyond tensors and plain containers '

@@ -70,11 +70,13 @@ def test_malicious_pickle_never_runs(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f'touch {marker}',))
-    path = tmp_path / 'evil.tar'
-    with open(path, 'wb') as f:
+    torch.save({'state_dict': Evil()}, tmp_path / 'evil.tar')
+    with pytest.raises(UserError, match='could run code'):
+        utils.load_checkpoint(str(tmp_path / 'evil.tar'))
+    with open(tmp_path / 'evil.pkl', 'wb') as f:  # a bare pickle is refused too
         pickle.dump({'state_dict': Evil()}, f)
     with pytest.raises(UserError, match='could run code|not a readable'):
-        utils.load_checkpoint(str(path))
+        utils.load_checkpoint(str(tmp_path / 'evil.pkl'))
     assert not marker.exists()
 
 
