@@ -20,8 +20,7 @@ from at import nad_loss
 from config import main_guard, parse_args
 from data_loader import train_batches
 from train_teacher import finetune, teacher_path
-from utils import (check_writable, defense_meta, defense_setup, evaluate, finish, fit, load_model, save_checkpoint,
-                   summary_line)
+from utils import check_writable, defense_meta, defense_setup, fit, load_model, summary_line
 
 DEFAULTS = dict(epochs=10, batch_size=64, lr=0.1, weight_decay=1e-4, description=__doc__.split('\n')[0])
 
@@ -76,12 +75,9 @@ def main():
     # BatchNorm1d in ARGD's projections cannot take a batch of one: drop the ragged tail
     batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, data.normalizer, args.seed, epoch,
                                           drop_last=True)
-    fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-        params=params, extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
-
-    metrics = evaluate(student, data.test, data.normalizer, args.eval_batch_size, args.amp)
-    save_checkpoint(out, student, defense_meta(run.meta, args, args.defense), args.epochs, metrics)
-    finish(out)
+    metrics = fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out,
+                  csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
+                  extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))
 

@@ -19,8 +19,7 @@ from config import UserError, main_guard, parse_args
 from data_loader import Normalizer, train_batches
 from mcl import contrastive_loss, detect_target, invert_trigger, trigger_picture
 from triggers import apply_trigger
-from utils import (check_writable, defense_meta, defense_setup, evaluate, finish, fit, save_checkpoint,
-                   summary_line)
+from utils import check_writable, defense_meta, defense_setup, evaluate, fit, summary_line
 
 DEFAULTS = dict(epochs=20, batch_size=64, lr=0.1, weight_decay=1e-4, description=__doc__.split('\n')[0])
 
@@ -97,14 +96,10 @@ def main():
 
     lr_at = lambda epoch: args.lr * (1.0 if epoch < 1 else 0.1 if epoch < 10 else 0.01)
     batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, raw, args.seed, epoch, augment_data=False)
-    fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-        evaluate_first=True, tag='mcl')
-
-    metrics = evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp)
-    meta = defense_meta(run.meta, args, 'mcl')
-    meta['mcl'] = {'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']}
-    save_checkpoint(out, model, meta, args.epochs, metrics)
-    finish(out)
+    meta = dict(defense_meta(run.meta, args, 'mcl'),
+                mcl={'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']})
+    metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
+                  meta=meta, evaluate_first=True, tag='mcl')
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}; trigger picture {png_path}')
     print(summary_line(metrics, args.json))
 

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from config import main_guard, parse_args
 from data_loader import RunData, poison_train_set, train_batches
 from models import select_model
-from utils import (check_writable, compiled, evaluate, finish, fit, make_meta, prepare_model, save_checkpoint, setup,
-                   summary_line)
+from utils import check_writable, compiled, fit, make_meta, prepare_model, setup, summary_line
 
 DEFAULTS = dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, description=__doc__.split('\n')[0])
 
@@ -45,13 +44,9 @@ def main():
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
                                           augment_data=not args.no_augment)
     lr_at = lambda epoch: args.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(args.epochs, 1)))
-    fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-        nesterov=True, tag='badnet')
-
-    metrics = evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp)
     meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
-    save_checkpoint(out, model, meta, args.epochs, metrics)
-    finish(out)
+    metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
+                  meta=meta, nesterov=True, tag='badnet')
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))
 

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from config import main_guard, parse_args
 from data_loader import train_batches
-from utils import (check_writable, defense_meta, defense_setup, evaluate, finish, fit, save_checkpoint,
-                   summary_line)
+from utils import check_writable, defense_meta, defense_setup, fit, summary_line
 
 DEFAULTS = dict(batch_size=64, weight_decay=1e-4, description=__doc__.split('\n')[0])
 
@@ -29,12 +28,9 @@ def finetune(args, run, model, out, csv_path, tag='teacher'):
     lr_at = lambda epoch: args.teacher_lr * (1.0 if epoch < half else 0.1)
     batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, run.data.normalizer, args.seed, epoch)
     loss_fn = lambda x, y: F.cross_entropy(model(x), y)
-    fit(args, model, loss_fn, batches, lr_at, run.data.test, run.data.normalizer, out_path=out, csv_path=csv_path,
-        epochs=args.teacher_epochs, evaluate_first=True, tag=tag)
-    metrics = evaluate(model, run.data.test, run.data.normalizer, args.eval_batch_size, args.amp)
-    save_checkpoint(out, model, defense_meta(run.meta, args, 'finetune'), args.teacher_epochs, metrics)
-    finish(out)
-    return metrics
+    return fit(args, model, loss_fn, batches, lr_at, run.data.test, run.data.normalizer, out_path=out,
+               csv_path=csv_path, meta=defense_meta(run.meta, args, 'finetune'), epochs=args.teacher_epochs,
+               evaluate_first=True, tag=tag)
 
 
 def main():

@@ -11,7 +11,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from config import UserError
 from models import MODELS, select_model
@@ -217,14 +216,14 @@ def summary_line(metrics, as_json=False):
 
 
 # ----------------------------------------------------------------------------- training
-def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv_path, epochs=None, params=None,
-        extra_modules=None, nesterov=False, evaluate_first=False, tag='train'):
-    """The training loop of every script.
+def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv_path, meta, epochs=None,
+        params=None, extra_modules=None, nesterov=False, evaluate_first=False, tag='train'):
+    """The training loop of every script; ends by saving the final model to out_path.
 
     loss_fn(x, y) -> scalar loss; batches(epoch) -> iterable of (x, y) on the device;
     lr_at(epoch) -> learning rate of that epoch (0-based). Each epoch ends with an atomic
     resume state (model, optimiser, extra modules, RNG, CSV rows), so --resume after a crash
-    repeats the uninterrupted run exactly. Returns the CSV rows.
+    repeats the uninterrupted run exactly. Returns the final model's metrics.
     """
     epochs = args.epochs if epochs is None else epochs
     extra_modules = extra_modules or {}
@@ -285,7 +284,13 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
                      'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
                      'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
-    return rows
+    last = rows[-1] if rows else {}
+    metrics = {k: last[k] for k in METRICS} if 'ASR' in last else evaluate(model, test, normalizer,
+                                                                           args.eval_batch_size, args.amp)
+    save_checkpoint(out_path, model, meta, epochs, metrics)
+    if os.path.exists(state_path):  # only once the final model is safely written
+        os.unlink(state_path)
+    return metrics
 
 
 def log_line(row, epochs, tag):
@@ -295,12 +300,6 @@ def log_line(row, epochs, tag):
     parts += [f'{k} {row[k]:6.2f}' for k in ('ACC', 'ASR', 'RA') if k in row]
     parts.append(f"{row['seconds']:.1f}s")
     return '  '.join(parts)
-
-
-def finish(path):
-    """Drop the resume state once the final model is safely written."""
-    if os.path.exists(path + '.resume'):
-        os.unlink(path + '.resume')
 
 
 def defense_setup(args):

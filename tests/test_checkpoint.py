@@ -1,6 +1,5 @@
 import os
 import pickle
-import types
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Bad input: one line on stderr, exit status 2, no traceback, no new or changed files."""
 import os
-import shutil
 
 import pytest
 import torch
