@@ -62,6 +62,8 @@ def get_arguments(**script_defaults):
     a('--device', default=None, help="'cuda', 'cpu', ... (default: cuda when available, else cpu)")
     a('--no_augment', action='store_true', help='train_badnet.py: no random crop/flip (the trigger stays in place)')
     a('--eval_every', type=int, default=1, help='evaluate on the test sets every k epochs (always after the last)')
+    a('--eval_subset', type=int, default=2000, help='per-epoch rows score a fixed random N images of each test set '
+      '(0 = all); the final model is always scored on all of them')
     a('--eval_batch_size', type=int, default=1000, help='batch size for evaluation')
     a('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
       help='auto = bf16 autocast on CUDA, fp32 on CPU')
@@ -99,6 +101,9 @@ def get_arguments(**script_defaults):
     a('--asr_bound', type=float, default=0.9, help='MCL: attack success a pattern must reach to count')
     a('--init_cost', type=float, default=1e-3, help='MCL: initial weight of the pattern-size penalty')
     a('--force', action='store_true', help='MCL: erase even when no target label is detected')
+    # --- run_table.py
+    a('--attacks', default='badnet,blend,sig,wanet', help='run_table.py: rows of the table (badnet, blend, sig, wanet)')
+    a('--table_dir', default='./results', help='run_table.py: where table.csv, table.md and the logs go')
     p.set_defaults(**script_defaults)
     return p
 
@@ -129,7 +134,7 @@ def check_args(args):
         raise UserError(f'--num_class must be at least 2, got {args.num_class}')
     if args.target_label is not None and args.target_label < 0:
         raise UserError(f'--target_label must be >= 0, got {args.target_label}')
-    for name in ('epochs', 'teacher_epochs'):
+    for name in ('epochs', 'teacher_epochs', 'eval_subset'):
         if getattr(args, name) < 0:
             raise UserError(f'--{name} must be >= 0')
     for name in ('batch_size', 'eval_every', 'eval_batch_size', 'inv_batch'):

@@ -209,6 +209,15 @@ def make_test_sets(x_test, y_test, attack, num_classes, seed=0):
     return {'x_clean': x_test, 'y_clean': y_test, 'nontarget': nontarget, 'x_bd': x_bd, 'y_bd': y_bd, 'y_bd_true': y_true}
 
 
+def test_subset(test, n, seed):
+    """A fixed random n images of each test set, for cheap per-epoch monitoring."""
+    g = seeded(seed, 'monitor')
+    pick = lambda total: torch.randperm(total, generator=g)[:n].sort().values
+    c, b = pick(len(test['y_clean'])).to(test['y_clean'].device), pick(len(test['y_bd'])).to(test['y_bd'].device)
+    return {'x_clean': test['x_clean'][c], 'y_clean': test['y_clean'][c], 'nontarget': test['nontarget'][c],
+            'x_bd': test['x_bd'][b], 'y_bd': test['y_bd'][b], 'y_bd_true': test['y_bd_true'][b]}
+
+
 def clean_subset(x, y, ratio, seed):
     """The defender's clean data: a seeded random `ratio` of the training set."""
     g = seeded(seed, 'clean-subset')

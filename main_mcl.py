@@ -89,9 +89,8 @@ def main():
     def loss_fn(x01, _):
         x_trig = (x01 + pattern).clamp(0, 1)
         _, _, anchor = model(norm(x_trig), features=True)
-        with torch.no_grad():
-            _, _, positive = frozen(norm(x01), features=True)
-            _, _, negative = frozen(norm(x_trig), features=True)
+        with torch.no_grad():  # one pass for both: the frozen copy is in eval mode, so this is exact
+            positive, negative = frozen(norm(torch.cat([x01, x_trig])), features=True)[2].chunk(2)
         return contrastive_loss(anchor, positive, negative, args.temperature)
 
     lr_at = lambda epoch: args.lr * (1.0 if epoch < 1 else 0.1 if epoch < 10 else 0.01)

@@ -18,7 +18,7 @@ from data_loader import RunData, poison_train_set, train_batches
 from models import select_model
 from utils import check_writable, compiled, fit, make_meta, prepare_model, setup, summary_line
 
-DEFAULTS = dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, description=__doc__.split('\n')[0])
+DEFAULTS = dict(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, description=__doc__.split('\n')[0])
 
 
 def main():

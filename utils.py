@@ -246,9 +246,14 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         torch.set_rng_state(state['rng'])
         rows, start = state['rows'], state['epoch']
         print(f'resuming {tag} from epoch {start} ({state_path})')
-    elif evaluate_first:
-        m = evaluate(model, test, normalizer, args.eval_batch_size, args.amp)
-        rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **m, seconds=0.0))
+    elif args.resume:
+        print(f'no resume state at {state_path}: starting {tag} from scratch')
+    # per-epoch rows watch a fixed subset; the final model is scored on the full test sets
+    from data_loader import test_subset
+    monitor = test_subset(test, args.eval_subset, args.seed) if args.eval_subset else test
+    score = lambda t: dict(evaluate(model, t, normalizer, args.eval_batch_size, args.amp), eval_images=len(t['y_clean']))
+    if not rows and evaluate_first:
+        rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **score(monitor), seconds=0.0))
         print(log_line(rows[-1], epochs, tag))
         write_csv(rows, csv_path)
     device = next(model.parameters()).device
@@ -275,8 +280,10 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
             raise UserError(f'{tag}: loss became NaN/inf at epoch {epoch + 1} step {bad_step.item() + 1}; '
                             f'stopped, the last good state is {state_path if os.path.exists(state_path) else "the input model"}')
         row = dict(epoch=epoch + 1, lr=lr, loss=round(total.item() / max(steps, 1), 5))
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
-            row.update(evaluate(model, test, normalizer, args.eval_batch_size, args.amp))
+        if epoch + 1 == epochs:
+            row.update(score(test))
+        elif (epoch + 1) % args.eval_every == 0:
+            row.update(score(monitor))
         row['seconds'] = round(time.time() - t0, 2)
         rows.append(row)
         print(log_line(row, epochs, tag), flush=True)
@@ -285,8 +292,9 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
                      'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
                      'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
     last = rows[-1] if rows else {}
-    metrics = {k: last[k] for k in METRICS} if 'ASR' in last else evaluate(model, test, normalizer,
-                                                                           args.eval_batch_size, args.amp)
+    full = 'ASR' in last and last['epoch'] == epochs and last['eval_images'] == len(test['y_clean'])
+    metrics = {k: last[k] for k in METRICS} if full else evaluate(model, test, normalizer, args.eval_batch_size,
+                                                                  args.amp)
     save_checkpoint(out_path, model, meta, epochs, metrics)
     if os.path.exists(state_path):  # only once the final model is safely written
         os.unlink(state_path)
@@ -298,6 +306,8 @@ def log_line(row, epochs, tag):
     if not math.isnan(row['loss']):
         parts.append(f"loss {row['loss']:.4f}")
     parts += [f'{k} {row[k]:6.2f}' for k in ('ACC', 'ASR', 'RA') if k in row]
+    if 'eval_images' in row:
+        parts.append(f"({row['eval_images']} test imgs)")
     parts.append(f"{row['seconds']:.1f}s")
     return '  '.join(parts)
 
