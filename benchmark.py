@@ -102,7 +102,7 @@ def main():
     steps = 200 if cuda else 20
     for amp in ([False, True] if cuda else [False]):
         torch.manual_seed(0)
-        model = prepare_model(select_model('WRN-16-1', 10), device, args)
+        model = prepare_model(select_model('WRN-16-1', 10), device)
         if args.compile:
             model = torch.compile(model)
         rate = train_rate(model, xd, yd, normalizer, device, args.batch_size, amp, steps)

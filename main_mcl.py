@@ -73,7 +73,7 @@ def main():
                                    args.inv_patience, args.asr_bound, args.init_cost, seed=args.seed)
     print(f"inverted trigger for class {target}: {info['pixels']} pixels, L1 {info['l1']:.2f}, "
           f"success {100 * info['asr']:.1f}% after {info['steps']} steps ({time.time() - t_inv:.1f}s)")
-    real = apply_trigger(data.attack['trigger'], data.x_train[:1])[0] if data.attack else None
+    real = apply_trigger(data.attack['trigger'], data.x_train[:1])[0]
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     trigger_picture(pattern.cpu(), data.x_train[0], real).save(png_path)
     if args.epochs == 0:

@@ -27,12 +27,13 @@ def main():
         if kind == 'trojanTrigger' and not path:  # draw with a small additive square when no file is given
             pattern = np.zeros((size, size, 3), np.float32)
             pattern[size - 8:size - 2, size - 8:size - 2] = 120
-            path = os.path.join(tempfile.mkdtemp(), 'trojan_demo.npy')
+            tmp = tempfile.TemporaryDirectory()
+            path = os.path.join(tmp.name, 'trojan_demo.npy')
             np.save(path, pattern)
         trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendTrigger') else None, args.seed)
         tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))
         if kind == 'trojanTrigger' and not args.trigger_path:
-            os.unlink(path)
+            tmp.cleanup()
     w = size * SCALE
     canvas = Image.new('RGB', (len(tiles) * (w + GAP) - GAP, w + 16), 'white')
     draw = ImageDraw.Draw(canvas)

@@ -38,7 +38,7 @@ def main():
     x, y = x.to(device), y.to(device)
 
     torch.manual_seed(args.seed)
-    model = prepare_model(select_model(args.arch, data.num_classes), device, args)
+    model = prepare_model(select_model(args.arch, data.num_classes), device)
     train_model = compiled(model, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,

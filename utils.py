@@ -41,7 +41,7 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def prepare_model(model, device, args):
+def prepare_model(model, device):
     """Move to the device in channels_last layout: batches arrive as NHWC memory, and it
     measured faster on CPU too (see README, Performance)."""
     return model.to(device=device, memory_format=torch.channels_last)
@@ -151,7 +151,7 @@ def load_model(path, args, num_classes_hint, device):
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f'{path}: weights contain NaN or inf ({k})')
     meta = dict(meta, arch=arch, num_classes=num_classes)
-    return prepare_model(model, device, args), meta
+    return prepare_model(model, device), meta
 
 
 def load_weights(model, sd, path, what):
@@ -179,12 +179,16 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
+def plain_args(args):
+    """The options with plain values, as stored in a checkpoint's meta (weights_only-loadable)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
 def make_meta(args, arch, num_classes, image_size, normalizer, attack, script):
     attack = dict(attack)
     attack['trigger'] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in attack['trigger'].items()}
-    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {'arch': arch, 'num_classes': num_classes, 'dataset': args.dataset, 'image_size': image_size,
-            'normalize': list(normalizer.values), 'attack': attack, 'script': script, 'args': plain}
+            'normalize': list(normalizer.values), 'attack': attack, 'script': script, 'args': plain_args(args)}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -291,10 +295,10 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
                      'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
                      'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
+    # the last epoch's row was scored on the full test sets; only a run without epochs needs a pass
     last = rows[-1] if rows else {}
-    full = 'ASR' in last and last['epoch'] == epochs and last['eval_images'] == len(test['y_clean'])
-    metrics = {k: last[k] for k in METRICS} if full else evaluate(model, test, normalizer, args.eval_batch_size,
-                                                                  args.amp)
+    metrics = {k: last[k] for k in METRICS} if epochs > 0 and last.get('epoch') == epochs else \
+        evaluate(model, test, normalizer, args.eval_batch_size, args.amp)
     save_checkpoint(out_path, model, meta, epochs, metrics)
     if os.path.exists(state_path):  # only once the final model is safely written
         os.unlink(state_path)
@@ -329,5 +333,4 @@ def defense_setup(args):
 
 
 def defense_meta(meta, args, defense):
-    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return dict(meta, defense=defense, defense_args=plain)
+    return dict(meta, defense=defense, defense_args=plain_args(args))
