@@ -98,6 +98,23 @@ def detect_target(norms, threshold=2.0):
     return (smallest if flagged else None), float(idx[smallest]), idx
 
 
+def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp=False):
+    """Pooled features of the model as it is now, for the uint8 images x and for x + pattern.
+    MCL's frozen model sees the same inputs at every epoch (eval mode, no augmentation, a fixed
+    pattern), so one pass before erasing replaces a frozen forward of both copies at every step."""
+    from utils import autocast
+    was_training = model.training
+    model.eval()
+    clean, triggered = [], []
+    with torch.no_grad(), autocast(x.device, amp):
+        for i in range(0, len(x), batch_size):
+            x01 = to_float(x[i:i + batch_size])
+            clean.append(model(normalize(x01), features=True)[2].float())
+            triggered.append(model(normalize((x01 + pattern).clamp(0, 1)), features=True)[2].float())
+    model.train(was_training)
+    return torch.cat(clean), torch.cat(triggered)
+
+
 def contrastive_loss(anchor, positive, negative, temperature=0.5):
     """Cross-entropy with the positive as class 0 over cosine similarities / temperature."""
     logits = torch.stack([F.cosine_similarity(anchor, positive, dim=-1),

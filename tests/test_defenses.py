@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from conftest import make_images, run_script, summary
 from data_loader import Normalizer, poison_train_set
-from mcl import detect_target, invert_trigger
+from mcl import detect_target, frozen_features, invert_trigger
 from triggers import make_trigger
 
 
@@ -59,6 +59,20 @@ def test_mcl_detects_the_target_and_erases(backdoored, image_folder, tmp_path):
     assert (tmp_path / 'logs' / 'mcl_bd_trigger.png').exists()
 
 
+def test_mcl_detection_only_reuses_the_detection_pattern(backdoored, image_folder, tmp_path):
+    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 0, '--detect_steps', 40,
+                   '--inv_steps', 100, '--inv_batch', 64, '--inv_patience', 30)
+    assert r.returncode == 0, r.stderr
+    assert 'detected target label: 0' in r.stdout, r.stdout
+    # the pictured pattern is class 0's from detection (its line, repeated), not a second inversion
+    class0 = next(l for l in r.stdout.splitlines() if l.startswith('class 0:'))
+    steps = class0.split(' in ')[1].split(' steps')[0]
+    assert f'after {steps} steps' in r.stdout, r.stdout
+    assert summary(r.stdout) == backdoored['metrics']  # the model is left as it was
+    assert (tmp_path / 'logs' / 'mcl_bd_trigger.png').exists()
+    assert not (tmp_path / 'w' / 'mcl_net').exists()
+
+
 class Linear(nn.Module):
     """Position-specific by construction, so the planted patch is the only cheap way to the target."""
 
@@ -95,3 +109,23 @@ def test_inversion_finds_the_patch_and_detection_flags_the_target():
     assert info['found'] and info['pixels'] <= 60
     in_patch = pattern[:, 26:31, 26:31].abs().sum() / pattern.abs().sum()
     assert in_patch > 0.5, float(in_patch)
+
+
+def test_frozen_features_are_the_models_features_of_clean_and_triggered_images():
+    from models import select_model
+    torch.manual_seed(0)
+    model = select_model('WRN-10-1', 4).train()
+    x = torch.as_tensor(make_images(5, seed=2)[0])  # 20 uint8 images
+    pattern = torch.zeros(3, 32, 32)
+    pattern[:, -3:, -3:] = 1.0
+    to_float = Normalizer('none', 'cpu')
+    norm = Normalizer('cifar', 'cpu').normalize_float
+    clean, triggered = frozen_features(model, x, pattern, to_float, norm, batch_size=8)
+    assert model.training  # left as it was
+    model.eval()
+    with torch.no_grad():
+        expect_clean = model(norm(to_float(x)), features=True)[2]
+        expect_trig = model(norm((to_float(x) + pattern).clamp(0, 1)), features=True)[2]
+    assert clean.shape == (20, expect_clean.shape[1])
+    assert torch.allclose(clean, expect_clean, atol=1e-5) and torch.allclose(triggered, expect_trig, atol=1e-5)
+    assert not torch.allclose(clean, triggered)

@@ -1,0 +1,73 @@
+"""ACC and ASR per epoch of every defense on one backdoored model, from run_table.py's logs.
+
+    python plot_curves.py                         # results/curves_badnet.png from results/logs
+    python plot_curves.py --attacks blend,wanet   # one picture per attack
+
+Needs matplotlib (optional: pip install matplotlib); nothing else in the project imports it.
+Epoch 0 is the backdoored model; rows before the last score a fixed --eval_subset of the
+test sets, the last row the full sets.
+"""
+import csv
+import os
+
+from config import UserError, main_guard, parse_args
+from utils import atomic_write_bytes
+
+# CSV prefix of each defense script's log, and its label
+DEFENSE_LOGS = (('teacher', 'FT'), ('nad', 'NAD'), ('argd', 'ARGD'), ('mcl', 'MCL'))
+
+
+def read_curves(log_dir, attack):
+    """-> {label: (epochs, ACC, ASR)} for the defenses whose log exists."""
+    curves = {}
+    for prefix, label in DEFENSE_LOGS:
+        path = os.path.join(log_dir, f'{prefix}_{attack}.csv')
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get('ACC')]
+        curves[label] = tuple([float(r[k]) for r in rows] for k in ('epoch', 'ACC', 'ASR'))
+    return curves
+
+
+def plot(curves, title):
+    """-> PNG bytes: ACC (left) and ASR (right) against epoch, one line per defense."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError('plot_curves.py needs matplotlib (pip install matplotlib); nothing else does')
+    import io
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, (epochs, acc, asr) in curves.items():
+        axes[0].plot(epochs, acc, marker='.', label=label)
+        axes[1].plot(epochs, asr, marker='.', label=label)
+    for ax, name in zip(axes, ('ACC (non-target) %', 'ASR %')):
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale('symlog', linthresh=10)  # the interesting part is 0-10%
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main():
+    args = parse_args(attacks='badnet', description=__doc__.split('\n')[0])
+    log_dir = os.path.join(args.table_dir, 'logs')
+    for attack in [a.strip() for a in args.attacks.split(',')]:
+        curves = read_curves(log_dir, attack)
+        if not curves:
+            raise UserError(f'no defense logs for {attack} in {log_dir} (run run_table.py --attacks {attack} first)')
+        out = os.path.join(args.table_dir, f'curves_{attack}.png')
+        atomic_write_bytes(plot(curves, f'Defenses on the {attack} WRN-16-1 (5% clean data)'), out)
+        print(f"{out}: {', '.join(curves)}")
+
+
+if __name__ == '__main__':
+    main_guard(main)
