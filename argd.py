@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from at import at_loss, attention_map
+from at import attention_map
 
 EDGE_PAIRS = ((0, 1), (1, 2), (0, 2))
 
@@ -47,8 +47,9 @@ class ARGDLoss(nn.Module):
         self.key = nn.ModuleList(projection(c, qk_dim) for c in s_channels)
         self.pos_bias = nn.Parameter(torch.zeros(len(t_channels), len(s_channels)))
 
-    def vertex(self, feats_s, feats_t):
-        return sum(w * at_loss(s, t, self.p) for w, s, t in zip(self.vert_weights, feats_s, feats_t))
+    def vertex(self, maps_s, maps_t):
+        """AT on each group: MSE between attention maps, weighted per group."""
+        return sum(w * F.mse_loss(s, t) for w, s, t in zip(self.vert_weights, maps_s, maps_t))
 
     def embedding_weights(self, feats_s, feats_t):
         """Softmax over student layers of query.key/sqrt(d) + position bias: (N, T, S)."""
@@ -57,20 +58,21 @@ class ARGDLoss(nn.Module):
         logits = torch.einsum('ntd,nsd->nts', q, k) / math.sqrt(self.qk_dim) + self.pos_bias
         return logits.softmax(-1)
 
-    def embedding(self, feats_s, feats_t):
-        att = self.embedding_weights(feats_s, feats_t)
+    def embedding(self, att, maps_s, maps_t):
+        """Per teacher layer, the attention-weighted mean squared distance to every student layer's
+        map (pooled to its size). Both sides are L2-normalised, so the attention maps serve for
+        the channel-mean |a|^p of the definition: pooling is linear and the scale cancels."""
         loss = 0
-        for i, ft in enumerate(feats_t):
-            size = ft.shape[-2:]
-            v_t = F.normalize(ft.abs().pow(self.p).mean(1).flatten(1), dim=1)
-            diffs = torch.stack([
-                (F.normalize(F.adaptive_avg_pool2d(fs.abs().pow(self.p).mean(1, keepdim=True), size).flatten(1), dim=1)
-                 - v_t).pow(2).mean(1) for fs in feats_s], 1)  # (N, S)
+        for i, mt in enumerate(maps_t):
+            v_t = F.normalize(mt.flatten(1), dim=1)
+            diffs = torch.stack([(F.normalize(F.adaptive_avg_pool2d(ms, mt.shape[-2:]).flatten(1), dim=1) - v_t)
+                                 .pow(2).mean(1) for ms in maps_s], 1)  # (N, S)
             loss = loss + (att[:, i] * diffs).sum(1).mean()
         return loss
 
     def forward(self, feats_s, feats_t):
+        # |a|^p over the feature maps is the costly part: computed once per layer, shared by all terms
         maps_s = [attention_map(f, self.p) for f in feats_s]
         maps_t = [attention_map(f, self.p) for f in feats_t]
-        return (self.w_vert * self.vertex(feats_s, feats_t) + self.w_edge * edge_loss(maps_s, maps_t)
-                + self.w_emb * self.embedding(feats_s, feats_t))
+        return (self.w_vert * self.vertex(maps_s, maps_t) + self.w_edge * edge_loss(maps_s, maps_t)
+                + self.w_emb * self.embedding(self.embedding_weights(feats_s, feats_t), maps_s, maps_t))

@@ -4,10 +4,16 @@ per-sample torchvision + DataLoader input path the published code uses.
     python benchmark.py                    # CPU or CUDA, whichever --device picks
     python benchmark.py --device cpu --threads 2
 
+    python benchmark.py --end_to_end --data_root /tmp/data/cifar10   # + each defense's wall time
+
 Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
 DataLoader pipeline, WRN-16-1 train steps (fp32, and bf16 autocast on CUDA), evaluation.
-Data are random uint8 images: throughput does not depend on content.
+Data are random uint8 images: throughput does not depend on content. With --end_to_end it
+then runs each defense's script as a user would (shipped BadNets model and teacher, 5% clean
+data, outputs in a temporary folder) and prints its wall time and final summary.
 """
+import os
+import tempfile
 import time
 
 import torch
@@ -82,6 +88,23 @@ def eval_rate(model, x, normalizer, device, batch_size, amp):
     return rate
 
 
+def defense_wall_times(args):
+    """Each defense as its own process, as a user runs it: (name, seconds, summary) per defense."""
+    from run_table import run
+    common = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', args.seed]
+    common += ['--device', args.device] if args.device else []
+    common += ['--threads', args.threads] if args.threads else []
+    with tempfile.TemporaryDirectory() as tmp:
+        common += ['--log_root', tmp]
+        out = lambda name: ['--output', os.path.join(tmp, f'{name}.tar')]
+        for name, script, flags in (('FT', 'train_teacher.py', out('ft')),
+                                    ('NAD', 'main-ARGD.py', out('nad') + ['--defense', 'nad']),
+                                    ('ARGD', 'main-ARGD.py', out('argd')),
+                                    ('MCL (target 0)', 'main_mcl.py', out('mcl') + ['--target_label', 0])):
+            metrics, seconds = run(script, *common, *flags)
+            yield name, seconds, metrics
+
+
 def main():
     args = parse_args(batch_size=128, description=__doc__.split('\n')[0])
     device = setup(args)
@@ -110,6 +133,10 @@ def main():
               f'(pipeline = {100 * rate / pipe:.1f}% of a step)')
         ev = eval_rate(model, xd[:10000], normalizer, device, args.eval_batch_size, amp)
         print(f"evaluation WRN-16-1 {'bf16' if amp else 'fp32'} (batch {args.eval_batch_size}):      {ev:12,.0f} images/s")
+    if args.end_to_end:
+        for name, seconds, m in defense_wall_times(args):
+            print(f"{name + ' end to end:':32s} {seconds:8.1f} s   ACC {m['ACC']:.2f} ASR {m['ASR']:.2f} RA {m['RA']:.2f}",
+                  flush=True)
 
 
 if __name__ == '__main__':

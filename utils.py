@@ -34,6 +34,7 @@ def setup(args):
         raise UserError('--device cuda asked for, but no CUDA device is available')
     torch.manual_seed(args.seed)
     args.amp = device.type == 'cuda' and args.precision in ('auto', 'bf16') or args.precision == 'bf16'
+    args.eval_batch_size = args.eval_batch_size or (1000 if device.type == 'cuda' else 256)
     return device
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from argd import ARGDLoss, edge_lengths, edge_loss
 from at import at_loss, attention_map, nad_loss
@@ -44,7 +45,19 @@ def test_embedding_loss_by_hand():
     att = crit.embedding_weights(feats_s, feats_t)
     assert torch.allclose(att, torch.full((2, 3, 3), 1 / 3))
     # per teacher layer: (0 + 1 + 1) / 3, summed over three teacher layers
-    assert crit.embedding(feats_s, feats_t).item() == pytest.approx(2.0, abs=1e-5)
+    maps = lambda feats: [attention_map(f) for f in feats]
+    assert crit.embedding(att, maps(feats_s), maps(feats_t)).item() == pytest.approx(2.0, abs=1e-5)
+
+
+def embedding_by_definition(att, feats_s, feats_t, p=2.0):
+    """The embedding term as the paper writes it, from channel means of |a|^p."""
+    vec = lambda f, size: F.normalize(F.adaptive_avg_pool2d(f.abs().pow(p).mean(1, keepdim=True), size).flatten(1), dim=1)
+    loss = 0
+    for i, ft in enumerate(feats_t):
+        v_t = vec(ft, ft.shape[-2:])
+        diffs = torch.stack([(vec(fs, ft.shape[-2:]) - v_t).pow(2).mean(1) for fs in feats_s], 1)
+        loss = loss + (att[:, i] * diffs).sum(1).mean()
+    return loss
 
 
 def test_argd_total_and_projection_gradients():
@@ -54,12 +67,14 @@ def test_argd_total_and_projection_gradients():
     crit = ARGDLoss([16, 32, 64], [16, 32, 64], w_vert=1, w_edge=2, w_emb=3)
     maps_s = [attention_map(f) for f in feats_s]
     maps_t = [attention_map(f) for f in feats_t]
-    expected = (crit.vertex(feats_s, feats_t) + 2 * edge_loss(maps_s, maps_t) + 3 * crit.embedding(feats_s, feats_t))
-    total = crit(feats_s, feats_t)
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    att = crit.embedding_weights(feats_s, feats_t)
+    embedding = crit.embedding(att, maps_s, maps_t)
+    assert embedding.item() == pytest.approx(embedding_by_definition(att, feats_s, feats_t).item(), rel=1e-5)
     vertex = 2000 * at_loss(feats_s[0], feats_t[0]) + 5000 * at_loss(feats_s[1], feats_t[1]) + \
         2000 * at_loss(feats_s[2], feats_t[2])
-    assert crit.vertex(feats_s, feats_t).item() == pytest.approx(vertex.item(), rel=1e-6)
+    assert crit.vertex(maps_s, maps_t).item() == pytest.approx(vertex.item(), rel=1e-6)
+    total = crit(feats_s, feats_t)
+    assert total.item() == pytest.approx((vertex + 2 * edge_loss(maps_s, maps_t) + 3 * embedding).item(), rel=1e-6)
     total.backward()
     # the projections are trained with the student, so they must receive gradients
     assert crit.query[0][0].weight.grad.abs().sum() > 0 and crit.key[2][0].weight.grad.abs().sum() > 0
