@@ -64,8 +64,8 @@ def get_arguments(**script_defaults):
     a('--eval_every', type=int, default=1, help='evaluate on the test sets every k epochs (always after the last)')
     a('--eval_subset', type=int, default=2000, help='per-epoch rows score a fixed random N images of each test set '
       '(0 = all); the final model is always scored on all of them')
-    a('--eval_batch_size', type=int, default=None, help='batch size for evaluation (default: 256 on CPU, where it '
-      'measured ~30%% faster than 1000, and 1000 on CUDA)')
+    a('--eval_batch_size', type=int, default=None, help='batch size for evaluation (default: 256 on CPU, faster '
+      'than 1000 there in every paired run, and 1000 on CUDA)')
     a('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
       help='auto = bf16 autocast on CUDA, fp32 on CPU')
     a('--compile', action='store_true', help='torch.compile the model (CUDA; slow to start)')

@@ -29,7 +29,7 @@ def find_target(args, run):
     norms, patterns = [], []
     for c in range(run.data.num_classes):
         pattern, info = invert_trigger(run.model, run.x, c, run.data.normalizer, args.detect_steps, args.inv_batch,
-                                 args.inv_patience, args.asr_bound, args.init_cost, seed=args.seed)
+                                       args.inv_patience, args.asr_bound, args.init_cost, seed=args.seed)
         norms.append(info['l1'])
         patterns.append((pattern, info))
         print(f"class {c}: pattern L1 {info['l1']:.2f}, {info['pixels']} pixels, "

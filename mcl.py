@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import autocast
+
 EPS = 1e-7
 COST_PATIENCE = 10           # steps above/below the success bound before the cost moves
 COST_UP, COST_DOWN = 1.5, 1.5 ** 1.5
@@ -102,7 +104,6 @@ def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp
     """Pooled features of the model as it is now, for the uint8 images x and for x + pattern.
     MCL's frozen model sees the same inputs at every epoch (eval mode, no augmentation, a fixed
     pattern), so one pass before erasing replaces a frozen forward of both copies at every step."""
-    from utils import autocast
     was_training = model.training
     model.eval()
     clean, triggered = [], []

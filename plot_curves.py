@@ -36,6 +36,7 @@ def plot(curves, title):
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise UserError('plot_curves.py needs matplotlib (pip install matplotlib); nothing else does')
     import io
@@ -44,6 +45,7 @@ def plot(curves, title):
         axes[0].plot(epochs, acc, marker='.', label=label)
         axes[1].plot(epochs, asr, marker='.', label=label)
     for ax, name in zip(axes, ('ACC (non-target) %', 'ASR %')):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel('epoch')
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
