@@ -55,7 +55,8 @@ def write_markdown(rows, path, attacks):
         cells = []
         for d in DEFENSES:
             r = by.get((a, d))
-            cells.append(f"{r['ACC']} / {r['ASR']} / {r['RA']} ({float(r['seconds']):.0f}s)" if r else '—')
+            cells.append(' / '.join(f'{float(r[k]):.2f}' for k in ('ACC', 'ASR', 'RA')) + f" ({float(r['seconds']):.0f}s)"
+                         if r else '—')
         lines.append(f'| {a} | ' + ' | '.join(cells) + ' |')
     atomic_write_bytes(('\n'.join(lines) + '\n').encode(), path)
 
