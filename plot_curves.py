@@ -8,6 +8,7 @@ Epoch 0 is the backdoored model; rows before the last score a fixed --eval_subse
 test sets, the last row the full sets.
 """
 import csv
+import io
 import os
 
 from config import UserError, main_guard, parse_args
@@ -39,7 +40,6 @@ def plot(curves, title):
         import matplotlib.ticker
     except ImportError:
         raise UserError('plot_curves.py needs matplotlib (pip install matplotlib); nothing else does')
-    import io
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, (epochs, acc, asr) in curves.items():
         axes[0].plot(epochs, acc, marker='.', label=label)
