@@ -9,8 +9,8 @@ per-sample torchvision + DataLoader input path the published code uses.
 Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
 DataLoader pipeline, WRN-16-1 train steps (fp32, and bf16 autocast on CUDA), evaluation.
 Data are random uint8 images: throughput does not depend on content. With --end_to_end it
-then runs each defense's script as a user would (shipped BadNets model and teacher, 5% clean
-data, outputs in a temporary folder) and prints its wall time and final summary.
+then runs each defense's script as a user would (shipped BadNets model, 5% clean data, the
+same commands as run_table.py's cells, outputs in a temporary folder) and prints its wall time and final summary.
 """
 import os
 import tempfile
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from config import main_guard, parse_args
 from data_loader import Normalizer, train_batches
 from models import select_model
+from run_table import cell_commands, common_flags, run
 from utils import autocast, prepare_model, setup
 
 
@@ -89,20 +90,15 @@ def eval_rate(model, x, normalizer, device, batch_size, amp):
 
 
 def defense_wall_times(args):
-    """Each defense as its own process, as a user runs it: (name, seconds, summary) per defense."""
-    from run_table import run
-    common = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', args.seed]
-    common += ['--device', args.device] if args.device else []
-    common += ['--threads', args.threads] if args.threads else []
+    """Each defense as its own process, as a user runs it, on the shipped BadNets model (the same
+    commands as run_table.py's cells): (name, seconds, summary) per defense."""
+    model = args.s_model or os.path.join(args.checkpoint_root, 's_net', 'WRN-16-1.tar')
     with tempfile.TemporaryDirectory() as tmp:
-        common += ['--log_root', tmp]
-        out = lambda name: ['--output', os.path.join(tmp, f'{name}.tar')]
-        for name, script, flags in (('FT', 'train_teacher.py', out('ft')),
-                                    ('NAD', 'main-ARGD.py', out('nad') + ['--defense', 'nad']),
-                                    ('ARGD', 'main-ARGD.py', out('argd')),
-                                    ('MCL (target 0)', 'main_mcl.py', out('mcl') + ['--target_label', 0])):
-            metrics, seconds = run(script, *common, *flags)
-            yield name, seconds, metrics
+        common = common_flags(args, tmp)
+        for name, (script, flags) in cell_commands('badnet', model, tmp).items():
+            if name != 'none':  # FT first: it is the teacher of NAD and ARGD
+                metrics, seconds = run(script, *common, *flags)
+                yield name.upper(), seconds, metrics
 
 
 def main():

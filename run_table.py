@@ -33,7 +33,16 @@ def run(script, *flags):
     return json.loads(r.stdout.strip().splitlines()[-1]), round(time.time() - t0, 1)
 
 
-def cell_commands(attack, model, work, common):
+def common_flags(args, log_root):
+    """The options every cell's script gets from the caller's own."""
+    flags = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', args.seed, '--ratio', args.ratio,
+             '--eval_every', args.eval_every, '--log_root', log_root]
+    flags += ['--device', args.device] if args.device else []
+    flags += ['--threads', args.threads] if args.threads else []
+    return flags
+
+
+def cell_commands(attack, model, work):
     """The command of each cell; every defense reads the backdoored model `model`."""
     defended = lambda name: ['--s_model', model, '--output', os.path.join(work, f'{attack}-{name}.tar')]
     teacher = os.path.join(work, f'{attack}-ft.tar')
@@ -67,12 +76,7 @@ def main():
     for a in attacks:
         if a not in ATTACKS:
             raise UserError(f"unknown attack '{a}' (choose from {', '.join(ATTACKS)})")
-    common = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', args.seed, '--ratio', args.ratio,
-              '--eval_every', args.eval_every, '--log_root', os.path.join(args.table_dir, 'logs')]
-    if args.device:
-        common += ['--device', args.device]
-    if args.threads:
-        common += ['--threads', args.threads]
+    common = common_flags(args, os.path.join(args.table_dir, 'logs'))
     work = os.path.join(args.checkpoint_root, 'table')
     csv_path = os.path.join(args.table_dir, 'table.csv')
     os.makedirs(work, exist_ok=True)
@@ -87,7 +91,7 @@ def main():
             print(f'{attack}: training the backdoored model ({args.epochs} epochs)', flush=True)
             run('train_badnet.py', *common, '--trigger_type', ATTACKS[attack], '--target_label', 0,
                 '--epochs', args.epochs, '--output', model)
-        for defense, (script, flags) in cell_commands(attack, model, work, common).items():
+        for defense, (script, flags) in cell_commands(attack, model, work).items():
             if (attack, defense) in done:
                 continue
             metrics, seconds = run(script, *common, *flags)

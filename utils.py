@@ -9,10 +9,12 @@ import pickle
 import tempfile
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
 from config import UserError
+from data_loader import RunData, test_subset
 from models import MODELS, select_model
 
 METRICS = ('ACC', 'ACC_all', 'ASR', 'RA')
@@ -254,7 +256,6 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     elif args.resume:
         print(f'no resume state at {state_path}: starting {tag} from scratch')
     # per-epoch rows watch a fixed subset; the final model is scored on the full test sets
-    from data_loader import test_subset
     monitor = test_subset(test, args.eval_subset, args.seed) if args.eval_subset else test
     score = lambda t: dict(evaluate(model, t, normalizer, args.eval_batch_size, args.amp), eval_images=len(t['y_clean']))
     if not rows and evaluate_first:
@@ -320,8 +321,6 @@ def log_line(row, epochs, tag):
 def defense_setup(args):
     """Everything a defense starts from: device, the model under defense (--s_model) and its
     meta, the data with the attack for evaluation, and the defender's clean subset."""
-    from types import SimpleNamespace
-    from data_loader import RunData
     device = setup(args)
     s_path = args.s_model or os.path.join(args.checkpoint_root, 's_net', f'{args.arch or "WRN-16-1"}.tar')
     model, meta = load_model(s_path, args, None, device)
