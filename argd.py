@@ -1,10 +1,13 @@
 """ARGD loss (Xia et al., IJCAI 2022): distil the attention relation graph of a teacher.
 
-Vertices are the attention maps of the three groups; the vertex loss matches them one to
-one (AT), the edge loss matches how far apart each pair of maps is, and the embedding loss
-lets each teacher map attend over all student maps (cross-layer attention with learned
-query/key projections). The projections are parameters: they must be optimised together
-with the student (the published code never passes them to its optimiser).
+Vertices are the attention maps of the three groups; the vertex loss matches them one to one
+(AT), the edge loss matches how far apart each pair of maps is, and the embedding loss lets
+each teacher map attend over all student maps (cross-layer attention). Every term works on
+the one-channel attention maps, as the reference code (riman_distance.py) does.
+
+The reference never passes the embedding loss's projections to its optimiser: they stay at
+their random initialisation (BatchNorm in training mode). That is the default here;
+trainable=True optimises them with the student instead.
 """
 import math
 
@@ -33,40 +36,51 @@ def edge_loss(maps_s, maps_t):
                for i, j in EDGE_PAIRS) / len(EDGE_PAIRS)
 
 
-def projection(in_dim, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim))
+def linear_bn(in_dim, out_dim, relu=False):
+    layers = [nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+def embedding_value(am, size):
+    """An attention map's value vector: its square, average-pooled to `size`, L2-normalised."""
+    return F.normalize(F.adaptive_avg_pool2d(am.pow(2), size).flatten(1), dim=1)
 
 
 class ARGDLoss(nn.Module):
-    def __init__(self, s_channels, t_channels, vert_weights=(2000, 5000, 2000), w_vert=1.0, w_edge=1.0, w_emb=1.0,
-                 qk_dim=128, p=2.0):
+    def __init__(self, groups=3, vert_weights=(2000, 5000, 2000), w_vert=1.0, w_edge=1.0, w_emb=1.0, qk_dim=128,
+                 p=2.0, trainable=False):
         super().__init__()
         self.vert_weights, self.w_vert, self.w_edge, self.w_emb = list(vert_weights), w_vert, w_edge, w_emb
-        self.qk_dim, self.p = qk_dim, p
-        self.query = nn.ModuleList(projection(c, qk_dim) for c in t_channels)
-        self.key = nn.ModuleList(projection(c, qk_dim) for c in s_channels)
-        self.pos_bias = nn.Parameter(torch.zeros(len(t_channels), len(s_channels)))
+        self.qk_dim, self.p, self.groups = qk_dim, p, groups
+        # each map enters through its spatial mean (the "channel mean" of a one-channel map)
+        self.query = nn.ModuleList(linear_bn(1, qk_dim) for _ in range(groups))            # teacher maps
+        self.key = nn.ModuleList(linear_bn(1, qk_dim, relu=True) for _ in range(groups))   # student maps
+        self.bilinear = linear_bn(qk_dim, qk_dim * groups)   # one key per (student, teacher) pair
+        self.pos_t = nn.Parameter(nn.init.xavier_normal_(torch.empty(groups, qk_dim)))
+        self.pos_s = nn.Parameter(nn.init.xavier_normal_(torch.empty(groups, qk_dim)))
+        self.requires_grad_(trainable)
 
     def vertex(self, maps_s, maps_t):
         """AT on each group: MSE between attention maps, weighted per group."""
         return sum(w * F.mse_loss(s, t) for w, s, t in zip(self.vert_weights, maps_s, maps_t))
 
-    def embedding_weights(self, feats_s, feats_t):
-        """Softmax over student layers of query.key/sqrt(d) + position bias: (N, T, S)."""
-        q = torch.stack([proj(f.mean((2, 3))) for proj, f in zip(self.query, feats_t)], 1)
-        k = torch.stack([proj(f.mean((2, 3))) for proj, f in zip(self.key, feats_s)], 1)
-        logits = torch.einsum('ntd,nsd->nts', q, k) / math.sqrt(self.qk_dim) + self.pos_bias
+    def embedding_weights(self, maps_s, maps_t):
+        """Softmax over student groups of (key.query + position term) / sqrt(d): (N, T, S)."""
+        n, g = maps_s[0].shape[0], self.groups
+        q = torch.stack([proj(m.mean((2, 3))) for proj, m in zip(self.query, maps_t)], 1)     # (N, T, d)
+        k = torch.stack([proj(m.mean((2, 3))) for proj, m in zip(self.key, maps_s)], 1)       # (N, S, d)
+        k = self.bilinear(k.flatten(0, 1)).view(n, g, g, self.qk_dim)                         # (N, S, T, d)
+        logits = (torch.einsum('nstd,ntd->nts', k, q) + self.pos_t @ self.pos_s.t()) / math.sqrt(self.qk_dim)
         return logits.softmax(-1)
 
     def embedding(self, att, maps_s, maps_t):
-        """Per teacher layer, the attention-weighted mean squared distance to every student layer's
-        map (pooled to its size). Both sides are L2-normalised, so the attention maps serve for
-        the channel-mean |a|^p of the definition: pooling is linear and the scale cancels."""
+        """Per teacher group, the attention-weighted mean squared distance between its value and
+        every student group's value (pooled to the teacher map's size)."""
         loss = 0
         for i, mt in enumerate(maps_t):
-            v_t = F.normalize(mt.flatten(1), dim=1)
-            diffs = torch.stack([(F.normalize(F.adaptive_avg_pool2d(ms, mt.shape[-2:]).flatten(1), dim=1) - v_t)
-                                 .pow(2).mean(1) for ms in maps_s], 1)  # (N, S)
+            size = mt.shape[-2:]
+            v_t = embedding_value(mt, size)
+            diffs = torch.stack([(embedding_value(ms, size) - v_t).pow(2).mean(1) for ms in maps_s], 1)  # (N, S)
             loss = loss + (att[:, i] * diffs).sum(1).mean()
         return loss
 
@@ -75,4 +89,4 @@ class ARGDLoss(nn.Module):
         maps_s = [attention_map(f, self.p) for f in feats_s]
         maps_t = [attention_map(f, self.p) for f in feats_t]
         return (self.w_vert * self.vertex(maps_s, maps_t) + self.w_edge * edge_loss(maps_s, maps_t)
-                + self.w_emb * self.embedding(self.embedding_weights(feats_s, feats_t), maps_s, maps_t))
+                + self.w_emb * self.embedding(self.embedding_weights(maps_s, maps_t), maps_s, maps_t))

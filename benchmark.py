@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from config import main_guard, parse_args
 from data_loader import Normalizer, train_batches
 from models import select_model
-from run_table import cell_commands, common_flags, run
+from run_table import cell_commands
 from utils import autocast, prepare_model, setup
 
 
@@ -94,15 +94,14 @@ def defense_wall_times(args):
     commands as run_table.py's cells): (name, seconds, summary) per defense."""
     model = args.s_model or os.path.join(args.checkpoint_root, 's_net', 'WRN-16-1.tar')
     with tempfile.TemporaryDirectory() as tmp:
-        common = common_flags(args, tmp)
-        for name, (script, flags) in cell_commands('badnet', model, tmp).items():
+        for name, cell in cell_commands(args, 'badnet', args.seed, tmp, tmp, given_model=model).items():
             if name != 'none':  # FT first: it is the teacher of NAD and ARGD
-                metrics, seconds = run(script, *common, *flags)
+                metrics, seconds = cell()
                 yield name.upper(), seconds, metrics
 
 
 def main():
-    args = parse_args(batch_size=128, description=__doc__.split('\n')[0])
+    args = parse_args('benchmark.py', description=__doc__.split('\n\n')[0])
     device = setup(args)
     cuda = device.type == 'cuda'
     n = 50000 if cuda else 10000

@@ -247,8 +247,10 @@ def default_normalize(dataset):
     return list(sum(NORMALIZATIONS[DATASET_INFO[dataset][2]], ()))
 
 
-def augment(x, generator, pad=4):
-    """Random crop with zero padding and horizontal flip on a uint8 NHWC batch, on its device."""
+def augment(x, generator, pad=4, cutout=0):
+    """Random crop with zero padding and horizontal flip on a uint8 NHWC batch, on its device;
+    with cutout > 0 also NAD/ARGD's Cutout(1, cutout): a black square around a random centre,
+    rows/cols [c - cutout//2, c + cutout//2) clipped to the image (a 2x2 hole for 3)."""
     n, h, w, c = x.shape
     padded = torch.zeros(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
     padded[:, pad:pad + h, pad:pad + w] = x
@@ -257,12 +259,23 @@ def augment(x, generator, pad=4):
     rows = shifts[0, :, None] + torch.arange(h, device=x.device)
     cols = shifts[1, :, None] + torch.arange(w, device=x.device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
-    return padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    out = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if cutout:
+        centres = torch.stack((torch.randint(0, h, (n,), generator=generator),
+                               torch.randint(0, w, (n,), generator=generator))).to(x.device)
+        inside = lambda size, c0: ((torch.arange(size, device=x.device) >= c0[:, None] - cutout // 2)
+                                   & (torch.arange(size, device=x.device) < c0[:, None] + cutout // 2))
+        hole = inside(h, centres[0])[:, :, None] & inside(w, centres[1])[:, None, :]
+        out = out.masked_fill(hole[..., None], 0)
+    return out
 
 
-def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, drop_last=False):
+def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, drop_last=False, cutout=0,
+                  shard=(0, 1)):
     """One epoch of shuffled, augmented, normalised batches; the order depends on (seed, epoch) only,
-    which is what makes a resumed run repeat the uninterrupted one exactly."""
+    which is what makes a resumed run repeat the uninterrupted one exactly. shard=(rank, world):
+    each process of a distributed run gets every world-th image of each global batch, cut after
+    the whole batch is augmented, so the global batches are those of a single process."""
     g = seeded(seed, f'batches-{epoch}')
     order = torch.randperm(len(y), generator=g).to(x.device)
     stop = len(y) - (len(y) % batch_size if drop_last and len(y) >= batch_size else 0)
@@ -270,8 +283,9 @@ def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, 
         idx = order[i:i + batch_size]
         xb = x[idx]
         if augment_data:
-            xb = augment(xb, g)
-        yield normalizer(xb), y[idx]
+            xb = augment(xb, g, cutout=cutout)
+        rank, world = shard
+        yield normalizer(xb[rank::world]), y[idx][rank::world]
 
 
 # ----------------------------------------------------------------------------- one call per script

@@ -13,7 +13,7 @@ from utils import evaluate, load_model, setup, summary_line
 
 
 def main():
-    args = parse_args(description=__doc__.split('\n')[0])
+    args = parse_args('evaluate.py', description=__doc__.split('\n\n')[0])
     if not args.model:
         raise UserError('evaluate.py needs --model PATH')
     device = setup(args)

@@ -5,10 +5,10 @@ fine-tuned on a small clean subset.
     python main-ARGD.py --defense nad --s_model weight/s_net/blend.tar
 
 If --t_model does not exist, a teacher is fine-tuned first (train_teacher.py) and saved there.
-Schedule: the published step shape (SGD Nesterov, momentum 0.9, weight decay 1e-4; --lr for
-epochs 0-2, --lr/10 for 3-5, --lr/100 after) from --lr 0.01: the published 0.1 wrecks a
-WRN-16-1 distilled on 2,500 images (ACC 84 -> 40 on CIFAR-10, README). The erased model goes
-to <checkpoint_root>/erasing_net/.
+As published: SGD Nesterov (momentum 0.9, weight decay 1e-4), crop + flip + Cutout, lr 0.1 with
+each defense's own steps and epochs (config.DEFENSE_SCHEDULES: ARGD 10 epochs, /10 at epoch 3
+and 6; NAD 20 epochs, /10 at 2, /100 at 20). The erased model goes to
+<checkpoint_root>/erasing_net/.
 """
 import copy
 import os
@@ -19,23 +19,15 @@ import torch.nn.functional as F
 
 from argd import ARGDLoss
 from at import nad_loss
-from config import main_guard, parse_args
-from data_loader import train_batches
-from train_teacher import finetune, teacher_path
-from utils import check_writable, defense_meta, defense_setup, fit, load_model, summary_line
-
-DEFAULTS = dict(epochs=10, batch_size=64, lr=0.01, weight_decay=1e-4, description=__doc__.split('\n')[0])
-
-
-def group_channels(model, image_size, device):
-    with torch.no_grad():
-        model.eval()
-        _, feats, _ = model(torch.zeros(2, 3, image_size, image_size, device=device), features=True)
-    return [f.shape[1] for f in feats]
+from config import DEFENSE_SCHEDULES, main_guard, parse_args
+from train_teacher import distillation_batches, finetune, teacher_path
+from utils import check_writable, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
 
 
 def main():
-    args = parse_args(**DEFAULTS)
+    args = parse_args('main-ARGD.py', description=__doc__.split('\n\n')[0])
+    schedule = DEFENSE_SCHEDULES[args.defense]
+    args.epochs = schedule['epochs'] if args.epochs is None else args.epochs
     t0 = time.time()
     run = defense_setup(args)
     student, data = run.model, run.data
@@ -53,14 +45,12 @@ def main():
         teacher = copy.deepcopy(student)
         finetune(args, run, teacher, t_path, os.path.join(args.log_root, f'teacher_{run.s_name}.csv'))
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.requires_grad_(False)
 
     torch.manual_seed(args.seed)
     if args.defense == 'argd':
-        criterion = ARGDLoss(group_channels(student, data.image_size, run.device),
-                             group_channels(teacher, data.image_size, run.device), args.vert_weights, args.w_vert,
-                             args.w_edge, args.w_emb, args.qk_dim, args.p).to(run.device)
+        criterion = ARGDLoss(3, args.vert_weights, args.w_vert, args.w_edge, args.w_emb, args.qk_dim, args.p,
+                             trainable=args.train_projections).to(run.device)
         extra = {'argd': criterion}
     else:
         criterion = lambda fs, ft: nad_loss(fs, ft, (args.beta1, args.beta2, args.beta3), args.p)
@@ -72,13 +62,10 @@ def main():
             _, feats_t, _ = teacher(x, features=True)
         return F.cross_entropy(logits, y) + criterion(feats_s, feats_t)
 
-    params = list(student.parameters()) + [p for m in extra.values() for p in m.parameters()]
-    lr_at = lambda epoch: args.lr * (1.0 if epoch < 3 else 0.1 if epoch < 6 else 0.01)
-    # BatchNorm1d in ARGD's projections cannot take a batch of one: drop the ragged tail
-    batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, data.normalizer, args.seed, epoch,
-                                          drop_last=True)
-    metrics = fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out,
-                  csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
+    params = list(student.parameters()) + [p for m in extra.values() for p in m.parameters() if p.requires_grad]
+    lr_at = lambda epoch: step_lr(args.lr, epoch, schedule['milestones'], schedule['factors'])
+    metrics = fit(args, student, loss_fn, distillation_batches(args, run), lr_at, data.test, data.normalizer,
+                  out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
                   extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))

@@ -1,26 +1,27 @@
 """Erase a backdoor with MCL: invert the trigger on the clean subset, then model-contrastive
-fine-tuning. Without --target_label the target is detected first (Neural Cleanse's rule).
+fine-tuning. With --mcl_target auto (default) the target is detected first (Neural Cleanse's
+rule). MCL never sees the attack: --target_label and the other attack options (or the
+checkpoint's meta) only say what evaluation scores against.
 
     python main_mcl.py --data_root /tmp/data/cifar10                  # detect the target, then erase
-    python main_mcl.py --target_label 0 --data_root /tmp/data/cifar10 # known target
+    python main_mcl.py --mcl_target 0 --data_root /tmp/data/cifar10   # tell MCL the target
     python main_mcl.py --epochs 0 --data_root /tmp/data/cifar10       # detection only
 
-Erasing: SGD momentum 0.9, weight decay 1e-4, lr --lr for epoch 0, --lr/10 to epoch 9,
---lr/100 after; no augmentation (as published). Output: <checkpoint_root>/mcl_net/<s_name>.tar,
-the CSV and a picture of the inverted trigger under --log_root.
+As published: inversion over --inv_epochs 100 passes of the clean subset; erasing with SGD
+momentum 0.9, weight decay 1e-4, lr 0.1 for epoch 0, 0.01 to epoch 9, 0.001 after
+(config.DEFENSE_SCHEDULES['mcl']), no augmentation, no ragged last batch. Output:
+<checkpoint_root>/mcl_net/<s_name>.tar, the CSV and a picture of the inverted trigger under --log_root.
 """
 import os
 import time
 
 import torch
 
-from config import UserError, main_guard, parse_args
+from config import DEFENSE_SCHEDULES, UserError, main_guard, parse_args
 from data_loader import Normalizer, train_batches
 from mcl import contrastive_loss, detect_target, frozen_features, invert_trigger, trigger_picture
 from triggers import apply_trigger
-from utils import check_writable, defense_meta, defense_setup, evaluate, fit, summary_line
-
-DEFAULTS = dict(epochs=20, batch_size=64, lr=0.1, weight_decay=1e-4, description=__doc__.split('\n')[0])
+from utils import check_writable, defense_meta, defense_setup, evaluate, fit, step_lr, summary_line
 
 
 def find_target(args, run):
@@ -28,21 +29,32 @@ def find_target(args, run):
     index, max anomaly index, smallest-pattern class, the patterns with their info)."""
     norms, patterns = [], []
     for c in range(run.data.num_classes):
-        pattern, info = invert_trigger(run.model, run.x, c, run.data.normalizer, args.detect_steps, args.inv_batch,
-                                       args.inv_patience, args.asr_bound, args.init_cost, seed=args.seed)
+        pattern, info = invert(args, run, c, args.detect_epochs)
         norms.append(info['l1'])
         patterns.append((pattern, info))
-        print(f"class {c}: pattern L1 {info['l1']:.2f}, {info['pixels']} pixels, "
-              f"{'reached' if info['found'] else 'missed'} the bound in {info['steps']} steps", flush=True)
+        print(f"class {c}: pattern L1 {info['l1']:.2f}, {info['pixels']} pixels, success {100 * info['asr']:.1f}%, "
+              f"{'reached' if info['found'] else 'missed'} the bound in {info['passes']} passes", flush=True)
     label, index, indices = detect_target(norms)
     print('anomaly index per class: ' + ' '.join(f'{c}:{v:.2f}' for c, v in enumerate(indices)))
     return label, index, max(indices), min(range(len(norms)), key=norms.__getitem__), patterns
 
 
+def invert(args, run, target, passes, report=None):
+    return invert_trigger(run.model, run.x, target, run.data.normalizer, passes, args.batch_size, args.inv_patience,
+                          args.asr_bound, args.init_cost, seed=args.seed, report=report)
+
+
+def true_target(args, run):
+    """How the evaluation's target is known, for the detection line."""
+    label = run.data.attack['target_label']
+    if args.target_label is None and 'target_label' not in run.meta.get('attack', {}):
+        return f'true target unknown: no meta, no --target_label; scored against {label}'
+    return f'true target {label}'
+
+
 def main():
-    args = parse_args(**DEFAULTS)
+    args = parse_args('main_mcl.py', description=__doc__.split('\n\n')[0])
     t0 = time.time()
-    explicit_target = args.target_label
     run = defense_setup(args)
     model, data = run.model, run.data
     out = args.output or os.path.join(args.checkpoint_root, 'mcl_net', f'{run.s_name}.tar')
@@ -51,7 +63,9 @@ def main():
     for path in (out, csv_path, png_path):
         check_writable(path)
 
-    target, detected = explicit_target, None
+    # MCL is told only --mcl_target; evaluation scores against the true attack (meta or attack flags)
+    truth = true_target(args, run)
+    target, detected = (None if args.mcl_target == 'auto' else int(args.mcl_target)), None
     if target is None:
         target, index, max_index, smallest, detected = find_target(args, run)
         if target is None:
@@ -64,18 +78,18 @@ def main():
             target = smallest
             print(f'--force: erasing with class {target}, the smallest pattern')
         else:
-            print(f'detected target label: {target} (anomaly index {index:.2f})')
+            print(f'detected target label: {target} ({truth}; anomaly index {index:.2f})')
     if not 0 <= target < data.num_classes:
-        raise UserError(f'target label {target} is outside [0, {data.num_classes})')
+        raise UserError(f'--mcl_target {target} is outside [0, {data.num_classes})')
 
     t_inv = time.time()
     if detected and args.epochs == 0:  # detection only: picture the pattern detection found
         pattern, info = detected[target]
     else:  # erasing gets the full inversion budget
-        pattern, info = invert_trigger(model, run.x, target, data.normalizer, args.inv_steps, args.inv_batch,
-                                       args.inv_patience, args.asr_bound, args.init_cost, seed=args.seed)
+        pattern, info = invert(args, run, target, args.inv_epochs, report=lambda text: print(text, flush=True))
     print(f"inverted trigger for class {target}: {info['pixels']} pixels, L1 {info['l1']:.2f}, "
-          f"success {100 * info['asr']:.1f}% after {info['steps']} steps ({time.time() - t_inv:.1f}s)")
+          f"success {100 * info['asr']:.1f}% on the clean subset after {info['passes']} passes "
+          f"({time.time() - t_inv:.1f}s)", flush=True)
     real = apply_trigger(data.attack['trigger'], data.x_train[:1])[0]
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     trigger_picture(pattern.cpu(), data.x_train[0], real).save(png_path)
@@ -91,9 +105,11 @@ def main():
         _, _, anchor = model(norm((x01 + pattern).clamp(0, 1)), features=True)
         return contrastive_loss(anchor, positive[idx], negative[idx], args.temperature)
 
-    lr_at = lambda epoch: args.lr * (1.0 if epoch < 1 else 0.1 if epoch < 10 else 0.01)
+    schedule = DEFENSE_SCHEDULES['mcl']
+    lr_at = lambda epoch: step_lr(args.lr, epoch, schedule['milestones'], schedule['factors'])
     rows = torch.arange(len(run.x), device=run.device)
-    batches = lambda epoch: train_batches(run.x, rows, args.batch_size, raw, args.seed, epoch, augment_data=False)
+    batches = lambda epoch: train_batches(run.x, rows, args.batch_size, raw, args.seed, epoch, augment_data=False,
+                                          drop_last=True)
     meta = dict(defense_meta(run.meta, args, 'mcl'),
                 mcl={'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']})
     metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from utils import autocast
 
 EPS = 1e-7
-COST_PATIENCE = 10           # steps above/below the success bound before the cost moves
+COST_PATIENCE = 10           # passes above/below the success bound before the cost moves
 COST_UP, COST_DOWN = 1.5, 1.5 ** 1.5
 
 
@@ -20,14 +20,30 @@ def size_penalty(param):
     return (torch.tanh(param / 10) / (2 - EPS) + 0.5).amax(0).sum()
 
 
-def invert_trigger(model, x, target, normalizer, steps=300, batch=128, patience=60, asr_bound=0.9, init_cost=1e-3,
-                   lr=0.1, seed=0):
+def stamp(x_uint8, pattern, normalizer):
+    """Clean uint8 NHWC images + an additive pattern in [0,1]-pixel units, clamped, normalised."""
+    return normalizer.normalize_float((x_uint8.permute(0, 3, 1, 2).float() / 255 + pattern).clamp(0, 1))
+
+
+@torch.no_grad()
+def pattern_success(model, x, pattern, target, normalizer, batch_size=256):
+    """Share of the images x that x + pattern sends to `target` (model in eval mode)."""
+    hits = sum(int((model(stamp(x[i:i + batch_size], pattern, normalizer)).argmax(1) == target).sum())
+               for i in range(0, len(x), batch_size))
+    return hits / max(len(x), 1)
+
+
+def invert_trigger(model, x, target, normalizer, passes=100, batch_size=64, patience=0, asr_bound=0.9,
+                   init_cost=1e-3, lr=0.1, seed=0, report=None):
     """Find a small additive pattern (3, H, W), values in [-1, 1] in [0,1]-pixel units, that sends
     the clean uint8 images x (N, H, W, C) to `target`.
 
-    One step = one batch of `batch` images (the published code makes each step a full pass over
-    the subset). Stops once no smaller successful pattern appeared for `patience` steps.
-    Returns (pattern, info) with info = dict(l1, pixels, asr, steps, found).
+    Counted as the reference (PixelBackdoor.generate) counts it: `passes` shuffled passes over x in
+    batches of `batch_size` (ragged tail dropped, as its loader), one Adam step per batch; after
+    each pass, the pass's mean success and size penalty decide whether the pattern is the best
+    so far and whether the size cost moves. patience > 0 stops after that many passes without a
+    smaller pattern. report(text), if given, hears from it every 10 passes. Returns (pattern, info):
+    info = dict(l1, pixels, asr (success of the pattern on all of x), passes, found).
     """
     g = torch.Generator().manual_seed(seed * 7919 + target)
     device = x.device
@@ -39,30 +55,32 @@ def invert_trigger(model, x, target, normalizer, steps=300, batch=128, patience=
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
+    batch_size = min(batch_size, len(x))
+    labels = torch.full((batch_size,), target, device=device)
     cost, up, down, since_best = init_cost, 0, 0, 0
-    best, best_reg, best_pixels, best_asr = None, float('inf'), float('inf'), 0.0
-    labels = torch.full((min(batch, len(x)),), target, device=device)
-    step = 0
-    for step in range(1, steps + 1):
-        idx = torch.randperm(len(x), generator=g)[:batch].to(device)
-        x01 = x[idx].permute(0, 3, 1, 2).float() / 255
-        p_pos, p_neg = pos.clamp(0, 1), -neg.clamp(0, 1)
-        out = model(normalizer.normalize_float((x01 + p_pos + p_neg).clamp(0, 1)))
-        reg = size_penalty(pos) + size_penalty(neg)
-        loss = F.cross_entropy(out, labels[:len(idx)]) + cost * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    best, best_reg, best_pixels = None, float('inf'), float('inf')
+    done = 0
+    for done in range(1, passes + 1):
+        order = torch.randperm(len(x), generator=g).to(device)
+        hits, regs = torch.zeros((), device=device), []
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            out = model(stamp(x[order[i:i + batch_size]], pos.clamp(0, 1) - neg.clamp(0, 1), normalizer))
+            reg = size_penalty(pos) + size_penalty(neg)
+            loss = F.cross_entropy(out, labels) + cost * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hits += (out.argmax(1) == target).float().mean().detach()
+            regs.append(reg.detach())
+        asr, reg = hits.item() / len(regs), torch.stack(regs).mean().item()
         with torch.no_grad():
-            asr = (out.argmax(1) == target).float().mean().item()
-            current = p_pos + p_neg
+            current = pos.clamp(0, 1) - neg.clamp(0, 1)
             current = torch.where(current.abs() < threshold, torch.zeros_like(current), current)
             pixels = int((current.abs().sum(0) > 0).sum())
-            if asr >= asr_bound and reg.item() < best_reg and pixels < best_pixels:
-                best, best_reg, best_pixels, best_asr, since_best = current.clone(), reg.item(), pixels, asr, 0
-                # restart from the thresholded best, as the published code does
+            if asr >= asr_bound and reg < best_reg and pixels < best_pixels:
+                best, best_reg, best_pixels, since_best = current.clone(), reg, pixels, 0
+                # restart from the thresholded best, as the reference does
                 pos.copy_(current.clamp(min=0))
                 neg.copy_((-current).clamp(min=0))
             else:
@@ -72,15 +90,19 @@ def invert_trigger(model, x, target, normalizer, steps=300, batch=128, patience=
             up, cost = 0, cost * COST_UP if cost > 0 else init_cost
         elif down >= COST_PATIENCE:
             down, cost = 0, cost / COST_DOWN
-        if best is not None and since_best >= patience:
+        if report and done % 10 == 0:
+            report(f'inversion pass {done}/{passes}: success {100 * asr:.1f}%, best pattern '
+                   f'{best_pixels if best is not None else "-"} pixels, cost {cost:.2e}')
+        if patience and best is not None and since_best >= patience:
             break
+    found = best is not None
+    pattern = (best if found else current).detach()
+    success = pattern_success(model, x, pattern, target, normalizer)
     for p, r in zip(model.parameters(), requires):
         p.requires_grad_(r)
     model.train(was_training)
-    found = best is not None
-    pattern = best if found else current
-    return pattern.detach(), dict(l1=float(pattern.abs().sum()), pixels=int((pattern.abs().sum(0) > 0).sum()),
-                                  asr=best_asr if found else asr, steps=step, found=found)
+    return pattern, dict(l1=float(pattern.abs().sum()), pixels=int((pattern.abs().sum(0) > 0).sum()),
+                         asr=success, passes=done, found=found)
 
 
 def anomaly_indices(norms):

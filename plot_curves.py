@@ -60,8 +60,8 @@ def plot(curves, title):
 
 
 def main():
-    args = parse_args(attacks='badnet', description=__doc__.split('\n')[0])
-    log_dir = os.path.join(args.table_dir, 'logs')
+    args = parse_args('plot_curves.py', description=__doc__.split('\n\n')[0])
+    log_dir = os.path.join(args.table_dir, 'logs', f's{args.seed}')
     for attack in [a.strip() for a in args.attacks.split(',')]:
         curves = read_curves(log_dir, attack)
         if not curves:

@@ -16,7 +16,7 @@ SCALE, GAP = 4, 6
 
 
 def main():
-    args = parse_args(description=__doc__.split('\n')[0])
+    args = parse_args('show_triggers.py', description=__doc__.split('\n\n')[0])
     from PIL import Image, ImageDraw
     data = load_dataset(args.dataset, args.data_root, args.image_size)
     image = data['x_test'][args.seed % len(data['x_test'])][None]
@@ -30,7 +30,7 @@ def main():
             tmp = tempfile.TemporaryDirectory()
             path = os.path.join(tmp.name, 'trojan_demo.npy')
             np.save(path, pattern)
-        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendTrigger') else None, args.seed)
+        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendNoiseTrigger') else None, args.seed)
         tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))
         if kind == 'trojanTrigger' and not args.trigger_path:
             tmp.cleanup()

@@ -1,30 +1,34 @@
 """Train a backdoored model from scratch (BadNets-style data poisoning).
 
-    python train_badnet.py --data_root /tmp/data/cifar10            # WRN-16-1, grid trigger, target 0
-    python train_badnet.py --trigger_type blendTrigger --target_label 5 --output weight/s_net/blend.tar
+    python train_badnet.py --data_root /tmp/data/cifar10                # WRN-16-1, grid trigger, target 0
+    python train_badnet.py --recipe nad --output weight/s_net/nad.tar   # NAD's reference recipe
+    python train_badnet.py --trigger_type signalTrigger --target_label 5 --output weight/s_net/sig.tar
+    torchrun --nproc_per_node 4 train_badnet.py --data_root /data/cifar10        # DDP, one GPU per process
 
-Schedule: SGD (momentum 0.9, weight decay 5e-4, Nesterov), lr cosine-annealed per epoch
-from --lr to 0 over --epochs. The final model is saved, never one chosen by test ASR.
+--recipe picks one of the reference codes' training recipes (config.BADNET_RECIPES): 'mcl'
+(default; MCL's train_badnet: crop + flip, CIFAR mean/std, SGD momentum 0.9, step lr) or
+'nad' (NAD's: no augmentation, raw [0,1] inputs, SGD Nesterov, constant lr). Both use
+weight decay 1e-4. The final model is saved, never one chosen by test ASR.
 """
-import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from config import main_guard, parse_args
+from config import BADNET_RECIPES, main_guard, parse_args
 from data_loader import RunData, poison_train_set, train_batches
 from models import select_model
-from utils import check_writable, compiled, fit, make_meta, prepare_model, setup, summary_line
-
-DEFAULTS = dict(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, description=__doc__.split('\n')[0])
+from utils import (check_writable, compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup,
+                   step_lr, summary_line)
 
 
 def main():
-    args = parse_args(**DEFAULTS)
+    args = parse_args('train_badnet.py', description=__doc__.split('\n\n')[0])
+    recipe = BADNET_RECIPES[args.recipe]
     args.arch = args.arch or 'WRN-16-1'
-    device = setup(args)
+    args.normalize = args.normalize or recipe['normalize']
+    device = setup(args, distributed=True)
     out = args.output or os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')
     csv_path = os.path.join(args.log_root, f'train_badnet_{os.path.splitext(os.path.basename(out))[0]}.csv')
     check_writable(out)
@@ -34,19 +38,23 @@ def main():
     attack = data.attack
     x, y, poisoned = poison_train_set(data.x_train, data.y_train, attack, data.num_classes, args.seed)
     print(f"{args.dataset}: {len(y)} training images, {len(poisoned)} poisoned with {attack['trigger_type']} "
-          f"({attack['target_type']}, target {attack['target_label']}); {len(data.test['y_bd'])} backdoor test images")
+          f"({attack['target_type']}, target {attack['target_label']}); {len(data.test['y_bd'])} backdoor test images; "
+          f"recipe {args.recipe}")
     x, y = x.to(device), y.to(device)
 
     torch.manual_seed(args.seed)
     model = prepare_model(select_model(args.arch, data.num_classes), device)
-    train_model = compiled(model, args)
+    train_model = data_parallel(compiled(model, args), device, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
+    augment = recipe['augment'] and not args.no_augment
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
-                                          augment_data=not args.no_augment)
-    lr_at = lambda epoch: args.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(args.epochs, 1)))
+                                          augment_data=augment, shard=(args.rank, args.world_size))
+    milestones = [round(f * args.epochs) for f in recipe['milestones']]
+    lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
     meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
     metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-                  meta=meta, nesterov=True, tag='badnet')
+                  meta=meta, nesterov=recipe['nesterov'], tag='badnet')
+    end_distributed(args)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))
 

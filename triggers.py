@@ -12,18 +12,24 @@ import torch
 import torch.nn.functional as F
 
 TRIGGERS = ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger',
-            'blendTrigger', 'randomPixelTrigger', 'signalTrigger', 'trojanTrigger', 'wanetTrigger')
+            'blendTrigger', 'blendNoiseTrigger', 'randomPixelTrigger', 'signalTrigger', 'signalPaperTrigger',
+            'trojanTrigger', 'wanetTrigger')
 
-BLEND_ALPHA = 0.2        # Blended / random-pixel attacks: weight of the pattern
-BLEND_NOISE_SEED = 1234  # the default blend pattern is the same noise image for every run
-SIG_DELTA, SIG_FREQ = 20, 6
+BLEND_ALPHA = 0.2        # every blend of the references: 0.8 image + 0.2 pattern
+BLEND_NOISE_SEED = 1234  # blendNoiseTrigger's default pattern is the same noise image for every run
+SIG_DELTA, SIG_FREQ = 20, 6  # signalPaperTrigger (SIG paper): x + 20 sin(2 pi j 6 / W)
 WANET_K, WANET_S = 4, 0.5
+
+# The references' SIG mask (trigger/signal_cifar10_mask.npy of NAD, ARGD and MCL): 32 equal rows of
+# a 20*sin wave stored as uint8, so its negative half wrapped around (-1 -> 255). Blended at 0.2.
+SIG_MASK_ROW = (0, 14, 19, 13, 255, 241, 237, 244, 2, 15, 19, 11, 253, 240, 237, 246,
+                4, 17, 19, 9, 251, 239, 238, 248, 6, 18, 18, 7, 249, 238, 238, 250)
 
 # 3x3 checkerboard-like patch of the reference code, rows top to bottom.
 GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))      # bottom-right corner
 CORNER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # other corners (reference rows 1..3)
 CENTER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # rows/cols size-14 .. size-12
-ARGD_CENTER = ((255, 128, 255), (128, 255, 128), (255, 128, 128))
+ARGD_CENTER = ((255, 128, 255), (128, 255, 128), (255, 128, 128))  # ARGD's gridTrigger; MCL's blend patch
 
 
 class TriggerError(ValueError):
@@ -34,7 +40,7 @@ def _patches(kind, h, w, trig_w, trig_h):
     """(row0, col0, 2-D values) patches stamped by the patch triggers."""
     if kind == 'gridTrigger':
         return [(h - 3, w - 3, GRID)]
-    if kind == 'squareTrigger':  # the reference leaves a 1-pixel gap to the border
+    if kind == 'squareTrigger':  # NAD/MCL leave a 1-pixel gap to the border (ARGD's copy: 3)
         return [(h - 1 - trig_w, w - 1 - trig_h, [[255] * trig_h] * trig_w)]
     if kind == 'fourCornerTrigger':
         # the reference's 'right top'/'left bottom' land at bottom-left/top-right in row-major images
@@ -42,7 +48,7 @@ def _patches(kind, h, w, trig_w, trig_h):
         return [(h - 3, w - 3, GRID), (1, 1, CORNER), (h - 3, 1, CORNER[::-1]), (1, w - 3, top_right)]
     if kind == 'centerTrigger':
         return [(h - 14, w - 14, CENTER)]
-    if kind == 'argdCenterTrigger':
+    if kind in ('argdCenterTrigger', 'blendTrigger'):  # blendTrigger blends this patch at 0.2
         return [(h - 14, w - 14, ARGD_CENTER)]
     return []
 
@@ -63,19 +69,24 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
             vals = torch.tensor(values, dtype=torch.uint8)
             pattern[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = vals[..., None]
             mask[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = True
-    elif trigger_type == 'blendTrigger':
+    elif trigger_type == 'blendNoiseTrigger':
         if trigger_path:
             pattern = read_pattern_image(trigger_path, image_size)
         else:
             g = torch.Generator().manual_seed(BLEND_NOISE_SEED)
             pattern = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
     elif trigger_type == 'signalTrigger':
+        if (h, w) != (32, 32):
+            raise TriggerError(f'signalTrigger is the references\' 32x32 mask; for {h}x{w} images use signalPaperTrigger')
+        pattern = torch.tensor(SIG_MASK_ROW, dtype=torch.uint8).view(1, w, 1).expand(h, w, 3).contiguous()
+    elif trigger_type == 'signalPaperTrigger':
         cols = torch.arange(w, dtype=torch.float32)
         signal = SIG_DELTA * torch.sin(2 * math.pi * cols * SIG_FREQ / w)  # varies along columns
         pattern = signal.view(1, w, 1).expand(h, w, 3).contiguous()       # float, added to the image
     elif trigger_type == 'trojanTrigger':
         if not trigger_path:
-            raise TriggerError('trojanTrigger needs --trigger_path (an additive pattern: .npy/.npz or image)')
+            raise TriggerError("trojanTrigger needs --trigger_path: the references' trigger/best_square_trigger_cifar10.npz "
+                           '(key x, 3x32x32) or any additive pattern (.npy/.npz or image)')
         pattern = read_pattern_array(trigger_path, image_size)
     elif trigger_type == 'wanetTrigger':
         g = torch.Generator().manual_seed(seed)
@@ -124,13 +135,19 @@ def apply_trigger(trigger, x, generator=None):
     if kind in ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger'):
         mask = trigger['mask'].to(x.device)[None, :, :, None]
         return torch.where(mask, pattern.to(x.device)[None], x)
-    if kind == 'blendTrigger':
-        return _blend(x, pattern.to(x.device)[None].float())
+    if kind == 'blendTrigger':  # MCL: only the patch's pixels are blended
+        mask = trigger['mask'].to(x.device)[None, :, :, None]
+        return torch.where(mask, _blend(x, pattern.to(x.device)[None]), x)
+    if kind in ('blendNoiseTrigger', 'signalTrigger'):
+        return _blend(x, pattern.to(x.device)[None])
     if kind == 'randomPixelTrigger':  # fresh grey-level noise per image, shared by the channels
         n, h, w, _ = x.shape
         noise = torch.randint(0, 256, (n, h, w, 1), generator=generator, dtype=torch.uint8)
-        return _blend(x, noise.to(x.device).float())
-    if kind in ('signalTrigger', 'trojanTrigger'):
+        return _blend(x, noise.to(x.device))
+    if kind == 'trojanTrigger':
+        # the references compute (img + pattern).astype('uint8'): truncation, then wrap-around modulo 256
+        return (x.double() + pattern.to(x.device, torch.float64)[None]).trunc().long().remainder(256).to(torch.uint8)
+    if kind == 'signalPaperTrigger':
         return (x.float() + pattern.to(x.device)[None]).round().clamp(0, 255).to(torch.uint8)
     if kind == 'wanetTrigger':
         out = []
@@ -144,5 +161,6 @@ def apply_trigger(trigger, x, generator=None):
 
 
 def _blend(x, pattern):
-    # truncation, as the reference's astype('uint8')
-    return ((1 - BLEND_ALPHA) * x.float() + BLEND_ALPHA * pattern).clamp(0, 255).to(torch.uint8)
+    """(1 - alpha) * x + alpha * pattern in float64 and truncated to uint8, as the references' numpy
+    code computes it (the same operations in the same order: pixel-identical)."""
+    return ((1 - BLEND_ALPHA) * x.double() + BLEND_ALPHA * pattern.double()).to(torch.uint8)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import tempfile
 import time
 import warnings
@@ -23,10 +24,15 @@ os.umask(_UMASK)
 
 
 # ----------------------------------------------------------------------------- setup
-def setup(args):
-    """Pick the device, threads and global seed; returns the torch.device."""
+def setup(args, distributed=False):
+    """Pick the device, threads and global seed; returns the torch.device. Under torchrun
+    (distributed scripts only) join the process group: NCCL with a GPU per process, gloo on
+    CPU; ranks other than 0 go quiet, rank 0 speaks for the run."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.rank, args.world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if args.world_size > 1 and not distributed:
+        raise UserError('only train_badnet.py runs under torchrun; start this script as a single process')
     name = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(name)
@@ -34,6 +40,13 @@ def setup(args):
         raise UserError(f"unknown device '{name}'")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda asked for, but no CUDA device is available')
+    if args.world_size > 1:
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        if args.rank > 0:
+            sys.stdout = open(os.devnull, 'w')
     torch.manual_seed(args.seed)
     args.amp = device.type == 'cuda' and args.precision in ('auto', 'bf16') or args.precision == 'bf16'
     args.eval_batch_size = args.eval_batch_size or (1000 if device.type == 'cuda' else 256)
@@ -52,6 +65,20 @@ def prepare_model(model, device):
 
 def compiled(model, args):
     return torch.compile(model) if args.compile else model
+
+
+def data_parallel(model, device, args):
+    """The model wrapped for DistributedDataParallel under torchrun, else the model itself."""
+    if args.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+def end_distributed(args):
+    """Every rank waits for rank 0's files, then leaves the process group."""
+    if getattr(args, 'world_size', 1) > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- files
@@ -233,12 +260,13 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     repeats the uninterrupted run exactly. Returns the final model's metrics.
     """
     epochs = args.epochs if epochs is None else epochs
+    lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
     extra_modules = extra_modules or {}
     params = list(params if params is not None else model.parameters())
     optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
                                 nesterov=nesterov)
     state_path = out_path + '.resume'
-    run_id = dict({k: getattr(args, k) for k in ('seed', 'batch_size', 'ratio', 'dataset')}, epochs=epochs,
+    run_id = dict({k: getattr(args, k, None) for k in ('seed', 'batch_size', 'ratio', 'dataset')}, epochs=epochs,
                   lr=[lr_at(e) for e in range(epochs)], tag=tag)
     rows, start = [], 0
     if args.resume and os.path.exists(state_path):
@@ -261,7 +289,8 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     if not rows and evaluate_first:
         rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **score(monitor), seconds=0.0))
         print(log_line(rows[-1], epochs, tag))
-        write_csv(rows, csv_path)
+        if lead:
+            write_csv(rows, csv_path)
     device = next(model.parameters()).device
     for epoch in range(start, epochs):
         t0 = time.time()
@@ -293,6 +322,8 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         row['seconds'] = round(time.time() - t0, 2)
         rows.append(row)
         print(log_line(row, epochs, tag), flush=True)
+        if not lead:
+            continue
         write_csv(rows, csv_path)
         atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
                      'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
@@ -301,10 +332,16 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     last = rows[-1] if rows else {}
     metrics = {k: last[k] for k in METRICS} if epochs > 0 and last.get('epoch') == epochs else \
         evaluate(model, test, normalizer, args.eval_batch_size, args.amp)
-    save_checkpoint(out_path, model, meta, epochs, metrics)
-    if os.path.exists(state_path):  # only once the final model is safely written
-        os.unlink(state_path)
+    if lead:
+        save_checkpoint(out_path, model, meta, epochs, metrics)
+        if os.path.exists(state_path):  # only once the final model is safely written
+            os.unlink(state_path)
     return metrics
+
+
+def step_lr(base, epoch, milestones, factors):
+    """Step schedule: base * factors[i], where i = how many milestones epoch (0-based) has reached."""
+    return base * factors[sum(epoch >= m for m in milestones)]
 
 
 def log_line(row, epochs, tag):

@@ -10,7 +10,7 @@ from models import select_model
 
 
 def args(*argv):
-    return parse_args(list(argv))
+    return parse_args('evaluate.py', list(argv))
 
 
 def saved(tmp_path, arch='WRN-10-1', meta=None):

@@ -2,9 +2,12 @@
 no new or changed files, and a malicious pickle never runs."""
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from config import get_arguments
 from conftest import run_script, write_folder
 
 
@@ -51,9 +54,9 @@ def folder(image_folder):
 ENTRY_POINTS = {
     'evaluate.py': lambda bd: ['--model', bd],
     'train_badnet.py': lambda bd: ['--epochs', 1],
-    'train_teacher.py': lambda bd: ['--s_model', bd, '--epochs', 1],
+    'train_teacher.py': lambda bd: ['--s_model', bd, '--teacher_epochs', 1],
     'main-ARGD.py': lambda bd: ['--s_model', bd, '--t_model', bd, '--epochs', 1],
-    'main_mcl.py': lambda bd: ['--s_model', bd, '--target_label', 0, '--epochs', 1],
+    'main_mcl.py': lambda bd: ['--s_model', bd, '--mcl_target', 0, '--epochs', 1],
 }
 # The flags through which each entry point reads a checkpoint.
 CHECKPOINT_FLAGS = [('evaluate.py', '--model'), ('train_teacher.py', '--s_model'), ('main-ARGD.py', '--s_model'),
@@ -94,6 +97,12 @@ BAD_OUTPUTS = {
 }
 
 
+def reads_options(script, flags):
+    """Whether the script has every option in flags (one it lacks is argparse's 'unrecognized' error)."""
+    known = get_arguments(script)._option_string_actions
+    return all(f in known for f in flags if isinstance(f, str) and f.startswith('--'))
+
+
 def matrix():
     """Every entry point x every bad input that applies to it."""
     cases = []
@@ -109,8 +118,12 @@ def matrix():
             del inputs['arch-mismatch']
         if script == 'main-ARGD.py':
             inputs['unknown-defense'] = (lambda d, img: ['--defense', 'fp', *folder(img)], "unknown defense 'fp'")
+        if script == 'main_mcl.py':
+            inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
+            inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')
         for name, (make, message) in inputs.items():
-            cases.append((f'{script}-{name}', script, lambda d, bd, img, make=make: make(d, img), message))
+            if reads_options(script, make(Path('d'), 'img')):
+                cases.append((f'{script}-{name}', script, lambda d, bd, img, make=make: make(d, img), message))
     return cases
 
 
@@ -132,3 +145,8 @@ def test_bad_input_fails_cleanly(script, make_args, message, bad_files, backdoor
     assert {w: snapshot(w) for w in watched} == before
     assert not (cwd / 'pwned-marker').exists()
     assert not os.listdir(cwd), os.listdir(cwd)  # not even an empty folder left behind
+
+
+def test_an_option_a_script_does_not_read_is_refused(tmp_path):
+    r = run_script('evaluate.py', '--ratio', 0.5, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == 'error: unrecognized arguments: --ratio 0.5', r.stderr

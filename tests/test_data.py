@@ -110,3 +110,20 @@ def test_image_folder_is_read_once_and_cached(image_folder):
 def test_folder_without_splits_is_rejected(tmp_path):
     with pytest.raises(UserError, match='train/<class>'):
         load_dataset('ImageFolder', str(tmp_path))
+
+
+def test_cutout_blacks_out_the_references_clipped_hole():
+    """Cutout(1, 3) of NAD/ARGD: rows and columns [c - 1, c + 1) around a random centre, clipped to the
+    image: a 2x2 hole, smaller only where the centre is on the top or left edge."""
+    x = torch.full((400, 32, 32, 3), 200, dtype=torch.uint8)
+    g = lambda: torch.Generator().manual_seed(3)
+    plain, cut = augment(x, g(), pad=0), augment(x, g(), pad=0, cutout=3)  # pad 0: the crop is the image
+    assert torch.equal(plain, x)
+    holes = (cut == 0).all(-1)
+    assert torch.equal(holes, (cut != 200).any(-1))  # all channels black, nothing else touched
+    sizes = holes.flatten(1).sum(1)
+    assert set(sizes.tolist()) <= {1, 2, 4} and (sizes == 4).float().mean() > 0.9
+    for i in range(len(x)):
+        r, c = holes[i].nonzero().T
+        assert r.max() - r.min() == (1 if sizes[i] == 4 or (sizes[i] == 2 and c.min() == c.max()) else 0)
+        assert holes[i, r.min():r.max() + 1, c.min():c.max() + 1].all()  # a filled rectangle

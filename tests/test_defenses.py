@@ -50,8 +50,8 @@ def test_nad_erases(backdoored, image_folder, tmp_path):
 
 
 def test_mcl_detects_the_target_and_erases(backdoored, image_folder, tmp_path):
-    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 8, '--detect_steps', 40,
-                   '--inv_steps', 100, '--inv_batch', 64, '--inv_patience', 30)
+    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 8, '--detect_epochs', 8,
+                   '--inv_epochs', 20, '--inv_patience', 6)
     assert r.returncode == 0, r.stderr
     assert 'detected target label: 0' in r.stdout, r.stdout
     m = summary(r.stdout)
@@ -60,14 +60,14 @@ def test_mcl_detects_the_target_and_erases(backdoored, image_folder, tmp_path):
 
 
 def test_mcl_detection_only_reuses_the_detection_pattern(backdoored, image_folder, tmp_path):
-    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 0, '--detect_steps', 40,
-                   '--inv_steps', 100, '--inv_batch', 64, '--inv_patience', 30)
+    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 0, '--detect_epochs', 8,
+                   '--inv_epochs', 20, '--inv_patience', 6)
     assert r.returncode == 0, r.stderr
     assert 'detected target label: 0' in r.stdout, r.stdout
     # the pictured pattern is class 0's from detection (its line, repeated), not a second inversion
     class0 = next(l for l in r.stdout.splitlines() if l.startswith('class 0:'))
-    steps = class0.split(' in ')[1].split(' steps')[0]
-    assert f'after {steps} steps' in r.stdout, r.stdout
+    passes = class0.split(' in ')[1].split(' passes')[0]
+    assert f'after {passes} passes' in r.stdout, r.stdout
     assert summary(r.stdout) == backdoored['metrics']  # the model is left as it was
     assert (tmp_path / 'logs' / 'mcl_bd_trigger.png').exists()
     assert not (tmp_path / 'w' / 'mcl_net').exists()
@@ -100,7 +100,7 @@ def test_inversion_finds_the_patch_and_detection_flags_the_target():
         opt.step()
     norms, patterns = [], []
     for c in range(4):
-        pattern, info = invert_trigger(model, x, c, norm, steps=150, batch=64, patience=40)
+        pattern, info = invert_trigger(model, x, c, norm, passes=80, batch_size=64)
         norms.append(info['l1'])
         patterns.append((pattern, info))
     label, index, _ = detect_target(norms)
@@ -129,3 +129,21 @@ def test_frozen_features_are_the_models_features_of_clean_and_triggered_images()
     assert clean.shape == (20, expect_clean.shape[1])
     assert torch.allclose(clean, expect_clean, atol=1e-5) and torch.allclose(triggered, expect_trig, atol=1e-5)
     assert not torch.allclose(clean, triggered)
+
+
+def test_mcl_is_blind_evaluation_uses_the_true_attack(backdoored, image_folder, tmp_path):
+    """A published-style checkpoint (no meta): the attack flags say what evaluation scores against,
+    MCL still detects the target itself, and the detection line names the true target."""
+    ckpt = torch.load(backdoored['path'], weights_only=True)
+    stripped = tmp_path / 'stripped.tar'
+    torch.save({'state_dict': ckpt['state_dict'], 'epoch': ckpt['epoch']}, stripped)
+    flags = ['--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model', stripped, '--arch', 'WRN-10-1',
+             '--normalize', 'none', '--ratio', 0.5, '--log_root', tmp_path / 'logs', '--batch_size', 32, '--epochs', 0,
+             '--detect_epochs', 8, '--inv_patience', 6]
+    truth = ['--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5, '--target_label', 0]
+    r = run_script('main_mcl.py', *flags, *truth)
+    assert r.returncode == 0, r.stderr
+    assert 'detected target label: 0 (true target 0;' in r.stdout, r.stdout
+    assert summary(r.stdout) == backdoored['metrics']  # the unchanged model, scored against the real attack
+    r = run_script('main_mcl.py', *flags, '--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5)
+    assert 'true target unknown: no meta, no --target_label' in r.stdout, r.stdout

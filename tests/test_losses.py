@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from argd import ARGDLoss, edge_lengths, edge_loss
+from argd import ARGDLoss, edge_lengths, edge_loss, embedding_value
 from at import at_loss, attention_map, nad_loss
 from mcl import anomaly_indices, contrastive_loss, detect_target, size_penalty
 
@@ -34,51 +33,68 @@ def test_edge_loss_by_hand():
 
 
 def test_embedding_loss_by_hand():
-    crit = ARGDLoss([1, 1, 1], [1, 1, 1], qk_dim=4)
-    with torch.no_grad():  # zero projections -> equal logits -> each student layer weighted 1/3
-        for proj in list(crit.query) + list(crit.key):
-            proj[0].weight.zero_()
-            proj[0].bias.zero_()
+    crit = ARGDLoss(qk_dim=4)
+    with torch.no_grad():  # zero projections and position term -> equal logits -> each student map weighted 1/3
+        for p in crit.parameters():
+            p.zero_()
     left, right = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
-    feats_t = [left.repeat(2, 1, 1, 1)] * 3
-    feats_s = [left.repeat(2, 1, 1, 1), right.repeat(2, 1, 1, 1), right.repeat(2, 1, 1, 1)]
-    att = crit.embedding_weights(feats_s, feats_t)
+    maps_t = [left.repeat(2, 1, 1, 1)] * 3
+    maps_s = [left.repeat(2, 1, 1, 1), right.repeat(2, 1, 1, 1), right.repeat(2, 1, 1, 1)]
+    att = crit.embedding_weights(maps_s, maps_t)
     assert torch.allclose(att, torch.full((2, 3, 3), 1 / 3))
-    # per teacher layer: (0 + 1 + 1) / 3, summed over three teacher layers
-    maps = lambda feats: [attention_map(f) for f in feats]
-    assert crit.embedding(att, maps(feats_s), maps(feats_t)).item() == pytest.approx(2.0, abs=1e-5)
+    # values are the normalised squared maps: per teacher map (0 + 1 + 1) / 3, summed over three
+    assert crit.embedding(att, maps_s, maps_t).item() == pytest.approx(2.0, abs=1e-5)
+    # the value is the square of the map, pooled, then normalised: [3, 1] -> [9, 1] / sqrt(82)
+    square = torch.tensor([3.0, 1.0]).view(1, 1, 1, 2)
+    assert embedding_value(square, (1, 2)).flatten().tolist() == pytest.approx([9 / 82 ** 0.5, 1 / 82 ** 0.5])
 
 
-def embedding_by_definition(att, feats_s, feats_t, p=2.0):
-    """The embedding term as the paper writes it, from channel means of |a|^p."""
-    vec = lambda f, size: F.normalize(F.adaptive_avg_pool2d(f.abs().pow(p).mean(1, keepdim=True), size).flatten(1), dim=1)
-    loss = 0
-    for i, ft in enumerate(feats_t):
-        v_t = vec(ft, ft.shape[-2:])
-        diffs = torch.stack([(vec(fs, ft.shape[-2:]) - v_t).pow(2).mean(1) for fs in feats_s], 1)
-        loss = loss + (att[:, i] * diffs).sum(1).mean()
-    return loss
+def batch_norm(z):  # BatchNorm1d in training mode at its initial affine (weight 1, bias 0)
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
 
 
-def test_argd_total_and_projection_gradients():
+def weights_by_definition(crit, maps_s, maps_t):
+    """ARGD's cross-layer attention as riman_distance.py builds it, written out with the raw weights."""
+    n, g, d = maps_s[0].shape[0], 3, crit.qk_dim
+    lin = lambda seq, z: z @ seq[0].weight.t() + seq[0].bias
+    q = torch.stack([batch_norm(lin(crit.query[t], maps_t[t].mean((2, 3)))) for t in range(g)], 1)
+    k = torch.stack([batch_norm(lin(crit.key[s], maps_s[s].mean((2, 3)))).relu() for s in range(g)], 1)
+    k = batch_norm(lin(crit.bilinear, k.reshape(n * g, d))).view(n, g, g, d)
+    logits = torch.empty(n, g, g)
+    for t in range(g):
+        for s in range(g):
+            logits[:, t, s] = ((k[:, s, t] * q[:, t]).sum(1) + crit.pos_t[t] @ crit.pos_s[s]) / math.sqrt(d)
+    return logits.softmax(-1)
+
+
+def test_argd_total_and_reference_attention():
     torch.manual_seed(0)
     feats_s = [torch.randn(4, c, s, s, requires_grad=True) for c, s in ((16, 8), (32, 4), (64, 2))]
     feats_t = [torch.randn(4, c, s, s) for c, s in ((16, 8), (32, 4), (64, 2))]
-    crit = ARGDLoss([16, 32, 64], [16, 32, 64], w_vert=1, w_edge=2, w_emb=3)
+    crit = ARGDLoss(w_vert=1, w_edge=2, w_emb=3)
     maps_s = [attention_map(f) for f in feats_s]
     maps_t = [attention_map(f) for f in feats_t]
-    att = crit.embedding_weights(feats_s, feats_t)
+    att = crit.embedding_weights(maps_s, maps_t)
+    assert torch.allclose(att, weights_by_definition(crit, maps_s, maps_t), atol=1e-5)
     embedding = crit.embedding(att, maps_s, maps_t)
-    assert embedding.item() == pytest.approx(embedding_by_definition(att, feats_s, feats_t).item(), rel=1e-5)
     vertex = 2000 * at_loss(feats_s[0], feats_t[0]) + 5000 * at_loss(feats_s[1], feats_t[1]) + \
         2000 * at_loss(feats_s[2], feats_t[2])
     assert crit.vertex(maps_s, maps_t).item() == pytest.approx(vertex.item(), rel=1e-6)
     total = crit(feats_s, feats_t)
-    assert total.item() == pytest.approx((vertex + 2 * edge_loss(maps_s, maps_t) + 3 * embedding).item(), rel=1e-6)
+    assert total.item() == pytest.approx((vertex + 2 * edge_loss(maps_s, maps_t) + 3 * embedding).item(), rel=1e-5)
     total.backward()
-    # the projections are trained with the student, so they must receive gradients
+    # as in the reference, the projections are fixed: the student gets gradients, they do not
+    assert feats_s[0].grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in crit.parameters())
+
+
+def test_argd_trainable_projections_get_gradients():
+    torch.manual_seed(0)
+    feats = [torch.randn(4, c, s, s) for c, s in ((16, 8), (32, 4), (64, 2))]
+    crit = ARGDLoss(trainable=True)
+    crit([f * 1.5 for f in feats], feats).backward()
     assert crit.query[0][0].weight.grad.abs().sum() > 0 and crit.key[2][0].weight.grad.abs().sum() > 0
-    assert crit.pos_bias.grad is not None
+    assert crit.bilinear[0].weight.grad.abs().sum() > 0 and crit.pos_t.grad.abs().sum() > 0
 
 
 def test_contrastive_loss_by_hand():

@@ -1,33 +1,51 @@
-"""run_table.py fills every cell once and skips finished cells on the next call; plot_curves.py draws them."""
+"""run_table.py: every cell once, whatever the workers; resumable; plot_curves.py draws the logs."""
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
+
+DEFENSES = ('none', 'ft', 'nad', 'argd', 'mcl')
+
+
+def table_flags(backdoored, image_folder, tmp_path, seeds='0'):
+    """A table whose backdoored models are the fixture's (reused, not retrained)."""
+    for seed in seeds.split(','):
+        (tmp_path / 'w' / 'table' / f's{seed}').mkdir(parents=True, exist_ok=True)
+        shutil.copy(backdoored['path'], tmp_path / 'w' / 'table' / f's{seed}' / 'badnet.tar')
+    return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'badnet', '--ratio', 0.5,
+            '--seeds', seeds, '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results']
+
+
+def read_rows(tmp_path):
+    with open(tmp_path / 'results' / 'table.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def cells_of(rows):
+    return [(r['attack'], r['defense'], r['seed']) for r in rows]
 
 
 def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_path):
-    (tmp_path / 'w' / 'table').mkdir(parents=True)
-    shutil.copy(backdoored['path'], tmp_path / 'w' / 'table' / 'badnet.tar')  # reused, not retrained
-    flags = ['--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'badnet', '--ratio', 0.5,
-             '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results']
+    flags = table_flags(backdoored, image_folder, tmp_path)
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
-    assert 'training the backdoored model' not in r.stdout
-    with open(tmp_path / 'results' / 'table.csv') as f:
-        rows = list(csv.DictReader(f))
-    assert [(row['attack'], row['defense']) for row in rows] == [('badnet', d) for d in
-                                                                  ('none', 'ft', 'nad', 'argd', 'mcl')]
+    rows = read_rows(tmp_path)
+    assert cells_of(rows) == [('badnet', d, '0') for d in DEFENSES]
     assert float(rows[0]['ASR']) == backdoored['metrics']['ASR']
     assert all(float(row['ASR']) < float(rows[0]['ASR']) for row in rows[1:]), rows  # every defense lowers it
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert '| badnet |' in table and '—' not in table  # every cell filled
+    assert '| badnet |' in table and '—' not in table and '(n=1,' in table
 
     again = run_script('run_table.py', *flags)
     assert again.returncode == 0 and again.stdout.strip() == '', again.stdout
-    with open(tmp_path / 'results' / 'table.csv') as f:
-        assert list(csv.DictReader(f)) == rows
+    assert read_rows(tmp_path) == rows
 
     pytest.importorskip('matplotlib', reason='plot_curves.py needs the optional matplotlib')
     p = run_script('plot_curves.py', '--table_dir', tmp_path / 'results')
@@ -36,7 +54,51 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_pa
     assert 'FT, NAD, ARGD, MCL' in p.stdout
 
 
+def test_two_workers_at_once_run_every_cell_exactly_once(backdoored, image_folder, tmp_path):
+    flags = [str(f) for f in table_flags(backdoored, image_folder, tmp_path, seeds='0,1')]
+    workers = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'run_table.py'), *flags], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=900) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    done = [line.split()[:4] for out, _ in outputs for line in out.splitlines()]
+    expected = [('badnet', d, str(s)) for s in (0, 1) for d in DEFENSES]
+    assert sorted((a, d, s) for a, d, _, s in done) == sorted(expected)  # each cell run by one worker only
+    assert all(out for out, _ in outputs), 'both workers took cells'
+    rows = read_rows(tmp_path)
+    assert cells_of(rows) == expected  # one row per cell, none lost by the concurrent writers
+    assert (tmp_path / 'w' / 'table' / 's1' / 'badnet-ft.tar').exists()  # one teacher per seed
+    table = (tmp_path / 'results' / 'table.md').read_text()
+    assert '± ' in table and '(n=2,' in table
+
+
+def test_a_killed_worker_cell_is_redone_by_the_next_run(backdoored, image_folder, tmp_path):
+    flags = [str(f) for f in table_flags(backdoored, image_folder, tmp_path)]
+    worker = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run_table.py'), *flags], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cells = tmp_path / 'results' / 'cells'
+    deadline = time.time() + 300
+    while not (cells / 'badnet-none-s0.json').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # now inside the FT cell
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and the script it runs
+    worker.wait()
+    assert not (cells / 'badnet-mcl-s0.json').exists()
+    r = run_script('run_table.py', *flags)
+    assert r.returncode == 0, r.stderr
+    assert cells_of(read_rows(tmp_path)) == [('badnet', d, '0') for d in DEFENSES]
+
+
+def test_shards_partition_the_cells(tmp_path):
+    from run_table import all_cells
+    cells = all_cells(['badnet', 'blend'], [0, 1, 2])
+    shards = [cells[k::4] for k in range(4)]
+    assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 30
+    r = run_script('run_table.py', '--shard', '4/4', '--table_dir', tmp_path / 'results', cwd=tmp_path)
+    assert r.returncode == 2 and '--shard needs K/N with 0 <= K < N' in r.stderr
+
+
 def test_table_rejects_an_unknown_attack(tmp_path):
     r = run_script('run_table.py', '--attacks', 'badnet,ghost', '--table_dir', tmp_path / 'results', cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "error: unknown attack 'ghost' (choose from badnet, blend, sig, wanet)"
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown attack 'ghost' (choose from badnet, blend, sig, wanet, sig-cl)"
     assert list(tmp_path.iterdir()) == []

@@ -46,12 +46,32 @@ def test_four_corner_and_center_triggers():
     assert out[0, 18:21, 18:21, 2].tolist() == [[255, 128, 255], [128, 255, 128], [255, 128, 128]]
 
 
-def test_blend_is_a_fixed_alpha_02_mix():
-    trig = make_trigger('blendTrigger', 32)
-    out = apply_trigger(trig, grey())
-    expected = (0.8 * 100 + 0.2 * trig['pattern'].float()).to(torch.uint8)
-    assert torch.equal(out[1], expected)
-    assert torch.equal(trig['pattern'], make_trigger('blendTrigger', 32, seed=5)['pattern'])  # fixed noise
+def reference_blend(img, pattern):
+    """The references' numpy blend: (1 - 0.2) * img + 0.2 * pattern, then astype('uint8')."""
+    return ((1 - 0.2) * img.numpy() + 0.2 * np.asarray(pattern)).astype('uint8')
+
+
+def random_images(n=4, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def test_blend_trigger_is_mcls_patch_blended_at_02():
+    pix, out = changed_pixels('blendTrigger')
+    assert pix == block(18, 18)
+    # 0.8 * 100 + 0.2 * 255 = 131 and 0.8 * 100 + 0.2 * 128 = 105.6 -> 105 (truncated)
+    assert out[0, 18:21, 18:21, 0].tolist() == [[131, 105, 131], [105, 131, 105], [131, 105, 105]]
+    x = random_images()
+    patch = np.array([[255, 128, 255], [128, 255, 128], [255, 128, 128]])[..., None]
+    expected = x.numpy().copy()
+    expected[:, 18:21, 18:21] = reference_blend(x[:, 18:21, 18:21], patch)
+    assert np.array_equal(apply_trigger(make_trigger('blendTrigger', 32), x).numpy(), expected)
+
+
+def test_blend_noise_is_a_fixed_alpha_02_mix():
+    trig = make_trigger('blendNoiseTrigger', 32)
+    x = random_images()
+    assert np.array_equal(apply_trigger(trig, x).numpy(), reference_blend(x, trig['pattern']))
+    assert torch.equal(trig['pattern'], make_trigger('blendNoiseTrigger', 32, seed=5)['pattern'])  # fixed noise
 
 
 def test_random_pixel_noise_is_fresh_per_image_and_grey():
@@ -61,22 +81,41 @@ def test_random_pixel_noise_is_fresh_per_image_and_grey():
     assert out.min() >= 80 and out.max() <= 131
 
 
-def test_signal_trigger_is_a_horizontal_sinusoid():
-    out = apply_trigger(make_trigger('signalTrigger', 32), grey()).int() - 100
+SIG_FIRST_ROW = [0, 14, 19, 13, 255, 241, 237, 244, 2, 15, 19, 11, 253, 240, 237, 246,
+                 4, 17, 19, 9, 251, 239, 238, 248, 6, 18, 18, 7, 249, 238, 238, 250]
+
+
+def test_signal_trigger_is_the_references_stored_mask_blended_at_02():
+    mask = make_trigger('signalTrigger', 32)['pattern']
+    assert mask.dtype == torch.uint8 and mask[0, :, 0].tolist() == SIG_FIRST_ROW
+    assert (mask == mask[:1]).all() and (mask == mask[..., :1]).all()  # 32 equal rows, grey
+    x = random_images()
+    ref = reference_blend(x, mask[..., :1].numpy())  # the mask is (32, 32) reshaped to (32, 32, 1)
+    assert np.array_equal(apply_trigger(make_trigger('signalTrigger', 32), x).numpy(), ref)
+    assert apply_trigger(make_trigger('signalTrigger', 32), grey())[0, 0, :5, 0].tolist() == [80, 82, 83, 82, 131]
+    with pytest.raises(TriggerError, match='signalPaperTrigger'):
+        make_trigger('signalTrigger', 28)
+
+
+def test_signal_paper_trigger_is_an_additive_horizontal_sinusoid():
+    out = apply_trigger(make_trigger('signalPaperTrigger', 32), grey()).int() - 100
     expected = [round(20 * math.sin(2 * math.pi * j * 6 / 32)) for j in range(32)]
     assert out[0, 7, :, 0].tolist() == expected
     assert (out[0] == out[0, :1]).all()  # constant along rows
 
 
-def test_trojan_needs_a_pattern_file_and_adds_it(tmp_path):
+def test_trojan_needs_a_pattern_file_and_casts_like_the_references(tmp_path):
     with pytest.raises(TriggerError, match='trigger_path'):
         make_trigger('trojanTrigger', 32)
-    pattern = np.zeros((3, 32, 32), np.float32)
-    pattern[:, 0, 0] = 200
-    np.save(tmp_path / 'p.npy', pattern)
-    out = apply_trigger(make_trigger('trojanTrigger', 32, trigger_path=str(tmp_path / 'p.npy')), grey())
-    assert out[0, 0, 0].tolist() == [255, 255, 255]  # clamped, not wrapped around
-    assert (out[0].int() - 100).abs().sum() == 3 * 155
+    pattern = np.zeros((3, 32, 32), np.float32)  # the references' file layout: key x, 3x32x32
+    pattern[:, 0, 0] = 200      # 100 + 200 = 300 -> astype('uint8') wraps to 44
+    pattern[:, 0, 1] = -150.5   # -50.5 -> -50 -> 206
+    pattern[:, 0, 2] = 0.7      # 100.7 -> 100 (truncated, not rounded)
+    pattern[:, 0, 3] = 27.9     # 127.9 -> 127
+    np.savez(tmp_path / 'trojan.npz', x=pattern)
+    out = apply_trigger(make_trigger('trojanTrigger', 32, trigger_path=str(tmp_path / 'trojan.npz')), grey())
+    assert out[0, 0, :5, 0].tolist() == [44, 206, 100, 127, 100]
+    assert (out[:, 1:] == 100).all()
 
 
 def test_wanet_warp_depends_on_seed_only():
@@ -93,4 +132,4 @@ def test_unknown_trigger_and_bad_size():
         make_trigger('nope', 32)
     with pytest.raises(TriggerError):
         make_trigger('squareTrigger', 32, trig_w=40)
-    assert len(TRIGGERS) == 10
+    assert len(TRIGGERS) == 12
