@@ -2,8 +2,8 @@
 (as with the reference code's config.py); a command-line flag overrides it for one run.
 
 Each script reads only its own options: parse_args('main-ARGD.py') builds a parser from the
-option groups listed for that script in SCRIPTS, with the defaults of OPTIONS overlaid by the
-script's entry in SCRIPT_DEFAULTS. `python <script> --help` lists exactly those options.
+option groups listed for that script in SCRIPTS (each option with its default and help), then
+overlays the script's entry in SCRIPT_DEFAULTS. `python <script> --help` lists exactly those.
 """
 import argparse
 import sys
@@ -21,7 +21,7 @@ DEFENSES = ('argd', 'nad')
 SCRIPT_DEFAULTS = {
     'train_badnet.py': dict(
         recipe='mcl',        # training recipe of a reference code, see BADNET_RECIPES
-        epochs=15,           # MCL's milestones are at 20 and 70 epochs; 15 epochs (milestones scaled) fit a 2-core CPU in ~30 min
+        epochs=15,           # MCL's milestones are at 20 and 70 of 100 epochs; 15 (milestones scaled) fit a 2-core CPU (45 min)
         batch_size=64,       # NAD and MCL both train with 64
         lr=0.1,
         weight_decay=1e-4,
@@ -34,7 +34,7 @@ SCRIPT_DEFAULTS = {
         defense='argd',      # 'argd' or 'nad'; epochs and lr schedule follow the defense (DEFENSE_SCHEDULES)
         epochs=None,         # None: the defense's published count (ARGD 10, NAD 20)
         batch_size=64,
-        lr=0.1,              # both papers' initial lr (the README says why 0.01 is not needed)
+        lr=0.1,              # both papers' initial lr
         weight_decay=1e-4,
     ),
     'main_mcl.py': dict(
@@ -62,12 +62,13 @@ BADNET_RECIPES = {
     'nad': dict(augment=False, normalize='none', nesterov=True, milestones=(), factors=(1,)),
 }
 
-# Defense lr schedules as the reference code has them: (epoch milestones, factors of --lr).
+# Defense lr schedules as the reference code has them: epoch milestones and factors of the initial
+# lr (--lr, --teacher_lr); `epochs` is main-ARGD.py's default per defense.
 DEFENSE_SCHEDULES = {
     'argd': dict(epochs=10, milestones=(3, 6), factors=(1, 0.1, 0.01)),    # ARGD utils.adjust_learning_rate
     'nad': dict(epochs=20, milestones=(2, 20), factors=(1, 0.1, 0.001)),   # NAD utils.adjust_learning_rate
-    'finetune': dict(epochs=10, milestones=(2, 20), factors=(1, 0.1, 0.001)),  # NAD's teacher: main.py with beta 0
-    'mcl': dict(epochs=20, milestones=(1, 10), factors=(1, 0.1, 0.01)),    # MCL fine_defense_adjust_learning_rate
+    'finetune': dict(milestones=(2, 20), factors=(1, 0.1, 0.001)),         # NAD's teacher: main.py with beta 0
+    'mcl': dict(milestones=(1, 10), factors=(1, 0.1, 0.01)),               # MCL fine_defense_adjust_learning_rate
 }
 
 # What an attack option means when neither the flag nor a checkpoint's meta sets it.

@@ -1,6 +1,6 @@
 """ACC and ASR per epoch of every defense on one backdoored model, from run_table.py's logs.
 
-    python plot_curves.py                         # results/curves_badnet.png from results/logs
+    python plot_curves.py                         # results/curves_badnet.png from results/logs/s0
     python plot_curves.py --attacks blend,wanet   # one picture per attack
 
 Needs matplotlib (optional: pip install matplotlib); nothing else in the project imports it.
