@@ -101,9 +101,12 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
             return run(script, *flags)
         return cell
 
-    def ft_cell():  # the teacher's own training run; a teacher placed by hand is only scored
+    def model_and_teacher():
         model()
         ft()
+
+    def ft_cell():  # the teacher's own training run; a teacher placed by hand is only scored
+        model_and_teacher()
         if not os.path.exists(teacher + '.json'):
             return run('evaluate.py', '--model', teacher, *common)
         with open(teacher + '.json') as f:
@@ -113,9 +116,9 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
     return {
         'none': then(model, 'evaluate.py', ['--model', path, *common]),
         'ft': ft_cell,
-        'nad': then(lambda: (model(), ft()), 'main-ARGD.py', [*s_model, *defended('nad'), '--defense', 'nad',
-                                                              '--t_model', teacher]),
-        'argd': then(lambda: (model(), ft()), 'main-ARGD.py', [*s_model, *defended('argd'), '--t_model', teacher]),
+        'nad': then(model_and_teacher, 'main-ARGD.py', [*s_model, *defended('nad'), '--defense', 'nad',
+                                                        '--t_model', teacher]),
+        'argd': then(model_and_teacher, 'main-ARGD.py', [*s_model, *defended('argd'), '--t_model', teacher]),
         'mcl': then(model, 'main_mcl.py', [*s_model, *defended('mcl'), '--mcl_target', 0]),
     }
 
