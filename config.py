@@ -45,7 +45,7 @@ SCRIPT_DEFAULTS = {
     ),
     'evaluate.py': dict(),
     'benchmark.py': dict(batch_size=128),  # the README's throughput table was measured at 128
-    'run_table.py': dict(epochs=None),  # None: train_badnet.py's own default
+    'run_table.py': dict(),
     'show_triggers.py': dict(output='results/triggers.png'),
     'plot_curves.py': dict(attacks='badnet'),
 }

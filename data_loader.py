@@ -279,12 +279,12 @@ def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, 
     g = seeded(seed, f'batches-{epoch}')
     order = torch.randperm(len(y), generator=g).to(x.device)
     stop = len(y) - (len(y) % batch_size if drop_last and len(y) >= batch_size else 0)
+    rank, world = shard
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
         xb = x[idx]
         if augment_data:
             xb = augment(xb, g, cutout=cutout)
-        rank, world = shard
         yield normalizer(xb[rank::world]), y[idx][rank::world]
 
 
