@@ -192,7 +192,7 @@ def _benchmark(a):
 
 def _table(a):
     a('--attacks', default='badnet,blend,sig,sig-cl,wanet', help='rows of the table (badnet, blend, sig, sig-cl = '
-      'clean-label SIG, wanet)')
+      'clean-label SIG, wanet, trojan = needs --trojan_pattern)')
     a('--table_dir', default='./results', help='where table.csv, table.md, the cell files and the logs go')
 
 
@@ -203,6 +203,8 @@ def _table_run(a):
     a('--epochs', type=int, default=None, help="backdoor training epochs (default: train_badnet.py's)")
     a('--checkpoint_root', default='./weight', help='backdoored models go to <checkpoint_root>/table/')
     a('--ratio', type=float, default=0.05, help='clean fraction given to the defenses')
+    a('--trojan_pattern', default=None, help="the trojan row's additive pattern: the references' "
+      'trigger/best_square_trigger_cifar10.npz (not shipped here)')
 
 
 def _plot(a):

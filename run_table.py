@@ -4,6 +4,7 @@
     python run_table.py --data_root /tmp/data/cifar10 --attacks badnet --seeds 0,1,2
     python run_table.py --data_root /tmp/data/cifar10 --seeds 0,1,2 --workers 4   # 4 processes here
     python run_table.py --data_root /data/cifar10 --seeds 0,1,2 --shard $SLURM_ARRAY_TASK_ID/8
+    python run_table.py --data_root /tmp/data/cifar10 --attacks trojan --trojan_pattern best_square_trigger_cifar10.npz
 
 A cell is (attack, defense, seed): the project's own script in a subprocess, on the backdoored
 model of (attack, seed). Its result lands in <table_dir>/cells/<attack>-<defense>-s<seed>.json
@@ -30,7 +31,8 @@ from utils import atomic_write_bytes, write_csv
 
 ATTACKS = {'badnet': ['--trigger_type', 'gridTrigger'], 'blend': ['--trigger_type', 'blendTrigger'],
            'sig': ['--trigger_type', 'signalTrigger'], 'wanet': ['--trigger_type', 'wanetTrigger'],
-           'sig-cl': ['--trigger_type', 'signalTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.8]}
+           'sig-cl': ['--trigger_type', 'signalTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.8],
+           'trojan': ['--trigger_type', 'trojanTrigger']}  # + --trigger_path <--trojan_pattern>
 DEFENSES = ('none', 'ft', 'nad', 'argd', 'mcl')
 METRICS = ('ACC', 'ACC_all', 'ASR', 'RA')
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,8 +90,9 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
     trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
     epochs = ['--epochs', args.epochs] if getattr(args, 'epochs', None) is not None else []
     path = given_model or os.path.join(work, f'{attack}.tar')
+    pattern = ['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []
     model = (lambda: None) if given_model else \
-        lambda: built_once(path, 'train_badnet.py', [*trains, *ATTACKS[attack], '--target_label', 0, *epochs])
+        lambda: built_once(path, 'train_badnet.py', [*trains, *ATTACKS[attack], *pattern, '--target_label', 0, *epochs])
     s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
     teacher = os.path.join(work, f'{attack}-ft.tar')
     ft = lambda: built_once(teacher, 'train_teacher.py', s_model)
@@ -227,6 +230,10 @@ def main():
     args = parse_args('run_table.py', description=__doc__.split('\n\n')[0])
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
+    if 'trojan' in attacks and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
+        raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "
+                        "(trigger/best_square_trigger_cifar10.npz of bboylyg/NAD)" +
+                        (f", not found: '{args.trojan_pattern}'" if args.trojan_pattern else ''))
     cells = all_cells(attacks, seeds)
     if args.shard:
         k, n = parse_shard(args.shard)

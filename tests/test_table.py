@@ -100,5 +100,24 @@ def test_shards_partition_the_cells(tmp_path):
 def test_table_rejects_an_unknown_attack(tmp_path):
     r = run_script('run_table.py', '--attacks', 'badnet,ghost', '--table_dir', tmp_path / 'results', cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown attack 'ghost' (choose from badnet, blend, sig, wanet, sig-cl)"
+    assert r.stderr.strip() == "error: unknown attack 'ghost' (choose from badnet, blend, sig, wanet, sig-cl, trojan)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypatch):
+    r = run_script('run_table.py', '--attacks', 'badnet,trojan', '--table_dir', tmp_path / 'results', cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith('error: the trojan row needs --trojan_pattern')
+    assert len(r.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+    import run_table
+    from config import parse_args
+    calls = []
+    monkeypatch.setattr(run_table, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
+                        ({k: 1.0 for k in run_table.METRICS}, 1.0))
+    args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz'])
+    run_table.cell_commands(args, 'trojan', 3, str(tmp_path), str(tmp_path / 'logs'))['none']()
+    (train, flags), (score, score_flags) = calls
+    assert train == 'train_badnet.py' and score == 'evaluate.py'
+    assert flags[flags.index('--trigger_type') + 1] == 'trojanTrigger'
+    assert flags[flags.index('--trigger_path') + 1] == 'x.npz' and flags[flags.index('--seed') + 1] == '3'
+    assert '--trigger_path' not in score_flags  # the pattern travels in the checkpoint's meta
