@@ -19,7 +19,7 @@ import torch
 
 from config import DEFENSE_SCHEDULES, UserError, main_guard, parse_args
 from data_loader import Normalizer, train_batches
-from mcl import contrastive_loss, detect_target, frozen_features, invert_trigger, trigger_picture
+from mcl import add_pattern, contrastive_loss, detect_target, frozen_features, invert_trigger, trigger_picture
 from triggers import apply_trigger
 from utils import check_writable, defense_meta, defense_setup, evaluate, fit, step_lr, summary_line
 
@@ -102,7 +102,7 @@ def main():
     positive, negative = frozen_features(model, run.x, pattern, raw, norm, args.eval_batch_size, args.amp)
 
     def loss_fn(x01, idx):  # the batch's "labels" are its row numbers in run.x
-        _, _, anchor = model(norm((x01 + pattern).clamp(0, 1)), features=True)
+        _, _, anchor = model(norm(add_pattern(x01, pattern)), features=True)
         return contrastive_loss(anchor, positive[idx], negative[idx], args.temperature)
 
     schedule = DEFENSE_SCHEDULES['mcl']

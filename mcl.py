@@ -20,9 +20,19 @@ def size_penalty(param):
     return (torch.tanh(param / 10) / (2 - EPS) + 0.5).amax(0).sum()
 
 
+def add_pattern(x01, pattern):
+    """Images in [0,1] (N, C, H, W) + an additive pattern in [0,1]-pixel units, clamped to [0,1]."""
+    return (x01 + pattern).clamp(0, 1)
+
+
+def pattern_pixels(pattern):
+    """How many pixel positions a (C, H, W) pattern touches in any channel."""
+    return int((pattern.abs().sum(0) > 0).sum())
+
+
 def stamp(x_uint8, pattern, normalizer):
-    """Clean uint8 NHWC images + an additive pattern in [0,1]-pixel units, clamped, normalised."""
-    return normalizer.normalize_float((x_uint8.permute(0, 3, 1, 2).float() / 255 + pattern).clamp(0, 1))
+    """Clean uint8 NHWC images + an additive pattern, normalised for the model."""
+    return normalizer.normalize_float(add_pattern(x_uint8.permute(0, 3, 1, 2).float() / 255, pattern))
 
 
 @torch.no_grad()
@@ -77,7 +87,7 @@ def invert_trigger(model, x, target, normalizer, passes=100, batch_size=64, pati
         with torch.no_grad():
             current = pos.clamp(0, 1) - neg.clamp(0, 1)
             current = torch.where(current.abs() < threshold, torch.zeros_like(current), current)
-            pixels = int((current.abs().sum(0) > 0).sum())
+            pixels = pattern_pixels(current)
             if asr >= asr_bound and reg < best_reg and pixels < best_pixels:
                 best, best_reg, best_pixels, since_best = current.clone(), reg, pixels, 0
                 # restart from the thresholded best, as the reference does
@@ -101,7 +111,7 @@ def invert_trigger(model, x, target, normalizer, passes=100, batch_size=64, pati
     for p, r in zip(model.parameters(), requires):
         p.requires_grad_(r)
     model.train(was_training)
-    return pattern, dict(l1=float(pattern.abs().sum()), pixels=int((pattern.abs().sum(0) > 0).sum()),
+    return pattern, dict(l1=float(pattern.abs().sum()), pixels=pattern_pixels(pattern),
                          asr=success, passes=done, found=found)
 
 
@@ -133,7 +143,7 @@ def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp
         for i in range(0, len(x), batch_size):
             x01 = to_float(x[i:i + batch_size])
             clean.append(model(normalize(x01), features=True)[2].float())
-            triggered.append(model(normalize((x01 + pattern).clamp(0, 1)), features=True)[2].float())
+            triggered.append(model(normalize(add_pattern(x01, pattern)), features=True)[2].float())
     model.train(was_training)
     return torch.cat(clean), torch.cat(triggered)
 
