@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 def attention_map(fm, p=2.0, eps=1e-6):
     """Sum over channels of |a|^p, L2-normalised per sample: (N, C, H, W) -> (N, 1, H, W)."""
-    am = fm.abs().pow(p).sum(1, keepdim=True)
+    am = fm.float().abs().pow(p).sum(1, keepdim=True)  # fp32 even under bf16 autocast: a loss term
     return am / (am.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + eps)
 
 

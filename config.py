@@ -84,7 +84,7 @@ def _run(a):
     a('--seed', type=int, default=0, help='fixes data subsets, poisoned indices, augmentation and initialisation')
     a('--device', default=None, help="'cuda', 'cpu', ... (default: cuda when available, else cpu)")
     a('--threads', type=int, default=None, help='CPU threads for torch (default: torch chooses)')
-    a('--precision', default='auto', choices=('auto', 'fp32', 'bf16'), help='auto = bf16 autocast on CUDA, fp32 on CPU')
+    a('--precision', default='auto', choices=('auto', 'fp32', 'bf16'), help='auto = bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), else fp32')
     a('--eval_batch_size', type=int, default=None, help='batch size for evaluation (default: 256 on CPU, faster '
       'than 1000 there in every paired run, and 1000 on CUDA)')
     a('--json', action='store_true', help='print the final summary as one JSON object')
@@ -102,12 +102,12 @@ def _attack(a):
     a('--target_label', type=int, default=None, help='attack target class (default: meta, else 0)')
     a('--trigger_type', default=None, help=f'trigger (default: meta, else gridTrigger): {", ".join(TRIGGERS)}')
     a('--target_type', default=None, help=f'label rule (default: meta, else all2one): {", ".join(TARGET_TYPES)}')
-    a('--inject_portion', type=float, default=None, help='poisoned fraction of the training set in (0, 1] '
+    a('--inject_portion', type=float, default=None, help='poisoned fraction of the training set in [0, 1] (0: a clean control model) '
       '(cleanLabel: fraction of the target-class images); default 0.1')
     a('--trig_w', type=int, default=None, help='squareTrigger rows (default 3)')
     a('--trig_h', type=int, default=None, help='squareTrigger columns (default 3)')
     a('--trigger_path', default=None, help="additive pattern for trojanTrigger (required; the references' "
-      'trigger/best_square_trigger_cifar10.npz), image for blendNoiseTrigger (default: fixed noise)')
+      'trigger/best_square_trigger_cifar10.npz), image for blendedTrigger (default: fixed noise)')
 
 
 def _schedule(a):
@@ -213,7 +213,7 @@ def _plot(a):
 
 def _gallery(a):
     a('--image_size', type=int, default=None, help='image side in pixels (default 32)')
-    a('--trigger_path', default=None, help='pattern file for trojanTrigger / blendNoiseTrigger')
+    a('--trigger_path', default=None, help='pattern file for trojanTrigger / blendedTrigger')
     a('--output', default=None, help='the PNG to write')
 
 
@@ -274,8 +274,8 @@ def check_args(args):
             raise UserError(f"unknown {what} '{getattr(args, name)}' (choose from {', '.join(allowed)})")
     if has('ratio') and not 0 < args.ratio <= 1:
         raise UserError(f'--ratio must be in (0, 1], got {args.ratio}')
-    if has('inject_portion') and not 0 < args.inject_portion <= 1:
-        raise UserError(f'--inject_portion must be in (0, 1], got {args.inject_portion}')
+    if has('inject_portion') and not 0 <= args.inject_portion <= 1:
+        raise UserError(f'--inject_portion must be in [0, 1], got {args.inject_portion}')
     if has('num_class') and args.num_class < 2:
         raise UserError(f'--num_class must be at least 2, got {args.num_class}')
     if has('target_label') and args.target_label < 0:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from config import NORMALIZATIONS, UserError, parse_normalize
-from triggers import TriggerError, apply_trigger, make_trigger
+from triggers import PER_BATCH, WANET_CROSS_RATIO, TriggerError, apply_trigger, make_trigger, wanet_noise_grids, warp
 
 # classes, image size and default normalisation of the named data sets
 DATASET_INFO = {'CIFAR10': (10, 32, 'cifar'), 'CIFAR100': (100, 32, 'cifar'),
@@ -177,7 +177,10 @@ def poison_train_set(x, y, attack, num_classes, seed):
     """Poison attack['inject_portion'] of the set (of the target class for cleanLabel).
 
     Returns (x_poisoned, y_poisoned, poisoned_indices); the chosen indices depend on seed only.
+    Triggers applied per batch (WaNet) leave the stored set clean: see batch_poisoner.
     """
+    if attack['trigger']['trigger_type'] in PER_BATCH:
+        return x, y, torch.zeros(0, dtype=torch.long)
     g = seeded(seed, 'poison')
     kind, target = attack['target_type'], attack['target_label']
     pool = torch.nonzero(y == target).flatten() if kind == 'cleanLabel' else torch.arange(len(y))
@@ -195,6 +198,27 @@ def poisoned_labels(y, attack, num_classes):
     if attack['target_type'] == 'cleanLabel':
         return y.clone()
     return torch.full_like(y, attack['target_label'])
+
+
+def batch_poisoner(attack, num_classes):
+    """For triggers applied per training batch (WaNet, as its paper trains it), a function
+    (x_uint8, y, generator) -> (x, y) run on each augmented batch: the first inject_portion of the
+    (shuffled) batch is warped and relabelled, the next WANET_CROSS_RATIO times as many are warped by
+    randomly perturbed grids and keep their labels (noise mode). None for the other triggers."""
+    trigger = attack['trigger']
+    if trigger['trigger_type'] not in PER_BATCH:
+        return None
+
+    def poison(x, y, g):
+        n_bd = int(len(y) * attack['inject_portion'])
+        n_cross = min(int(n_bd * WANET_CROSS_RATIO), len(y) - n_bd)
+        grid = trigger['pattern'].to(x.device)
+        x, y = x.clone(), y.clone()
+        x[:n_bd] = warp(x[:n_bd], grid[None])
+        y[:n_bd] = poisoned_labels(y[:n_bd], attack, num_classes)
+        x[n_bd:n_bd + n_cross] = warp(x[n_bd:n_bd + n_cross], wanet_noise_grids(grid, n_cross, g))
+        return x, y
+    return poison
 
 
 def make_test_sets(x_test, y_test, attack, num_classes, seed=0):
@@ -271,21 +295,24 @@ def augment(x, generator, pad=4, cutout=0):
 
 
 def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, drop_last=False, cutout=0,
-                  shard=(0, 1)):
+                  shard=(0, 1), poison=None):
     """One epoch of shuffled, augmented, normalised batches; the order depends on (seed, epoch) only,
     which is what makes a resumed run repeat the uninterrupted one exactly. shard=(rank, world):
     each process of a distributed run gets every world-th image of each global batch, cut after
-    the whole batch is augmented, so the global batches are those of a single process."""
+    the whole batch is augmented, so the global batches are those of a single process. poison (see
+    batch_poisoner) runs on each batch after augmentation, so crop and flip cannot move its trigger."""
     g = seeded(seed, f'batches-{epoch}')
     order = torch.randperm(len(y), generator=g).to(x.device)
     stop = len(y) - (len(y) % batch_size if drop_last and len(y) >= batch_size else 0)
     rank, world = shard
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        xb = x[idx]
+        xb, yb = x[idx], y[idx]
         if augment_data:
             xb = augment(xb, g, cutout=cutout)
-        yield normalizer(xb[rank::world]), y[idx][rank::world]
+        if poison is not None:
+            xb, yb = poison(xb, yb, g)
+        yield normalizer(xb[rank::world]), yb[rank::world]
 
 
 # ----------------------------------------------------------------------------- one call per script

@@ -149,7 +149,8 @@ def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp
 
 
 def contrastive_loss(anchor, positive, negative, temperature=0.5):
-    """Cross-entropy with the positive as class 0 over cosine similarities / temperature."""
+    """Cross-entropy with the positive as class 0 over cosine similarities / temperature (fp32)."""
+    anchor = anchor.float()
     logits = torch.stack([F.cosine_similarity(anchor, positive, dim=-1),
                           F.cosine_similarity(anchor, negative, dim=-1)], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long, device=anchor.device))

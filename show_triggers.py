@@ -30,7 +30,7 @@ def main():
             tmp = tempfile.TemporaryDirectory()
             path = os.path.join(tmp.name, 'trojan_demo.npy')
             np.save(path, pattern)
-        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendNoiseTrigger') else None, args.seed)
+        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendedTrigger') else None, args.seed)
         tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))
         if kind == 'trojanTrigger' and not args.trigger_path:
             tmp.cleanup()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from config import BADNET_RECIPES, main_guard, parse_args
-from data_loader import RunData, poison_train_set, train_batches
+from data_loader import RunData, batch_poisoner, poison_train_set, train_batches
 from models import select_model
 from utils import (check_writable, compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup,
                    step_lr, summary_line)
@@ -37,7 +37,9 @@ def main():
     data = RunData(args, device)
     attack = data.attack
     x, y, poisoned = poison_train_set(data.x_train, data.y_train, attack, data.num_classes, args.seed)
-    print(f"{args.dataset}: {len(y)} training images, {len(poisoned)} poisoned with {attack['trigger_type']} "
+    poison = batch_poisoner(attack, data.num_classes)
+    what = f"{attack['inject_portion']:g} of each batch" if poison else f'{len(poisoned)}'
+    print(f"{args.dataset}: {len(y)} training images, {what} poisoned with {attack['trigger_type']} "
           f"({attack['target_type']}, target {attack['target_label']}); {len(data.test['y_bd'])} backdoor test images; "
           f"recipe {args.recipe}")
     x, y = x.to(device), y.to(device)
@@ -48,7 +50,7 @@ def main():
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
     augment = recipe['augment'] and not args.no_augment
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
-                                          augment_data=augment, shard=(args.rank, args.world_size))
+                                          augment_data=augment, shard=(args.rank, args.world_size), poison=poison)
     milestones = [round(f * args.epochs) for f in recipe['milestones']]
     lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
     meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')

@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 
 TRIGGERS = ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger',
-            'blendTrigger', 'blendNoiseTrigger', 'randomPixelTrigger', 'signalTrigger', 'signalPaperTrigger',
+            'blendTrigger', 'blendedTrigger', 'randomPixelTrigger', 'signalTrigger', 'signalPaperTrigger',
             'trojanTrigger', 'wanetTrigger')
 
 BLEND_ALPHA = 0.2        # every blend of the references: 0.8 image + 0.2 pattern
-BLEND_NOISE_SEED = 1234  # blendNoiseTrigger's default pattern is the same noise image for every run
+BLEND_NOISE_SEED = 1234  # blendedTrigger's default pattern is the same noise image for every run
 SIG_DELTA, SIG_FREQ = 20, 6  # signalPaperTrigger (SIG paper): x + 20 sin(2 pi j 6 / W)
-WANET_K, WANET_S = 4, 0.5
+WANET_K, WANET_S = 4, 0.5  # WaNet paper: a 4x4 control grid, warping strength 0.5
+WANET_CROSS_RATIO = 2      # WaNet noise mode: per poisoned image, two images warped by a perturbed grid keep their label
+# Triggers applied per training batch, after augmentation (the others poison the stored images once)
+PER_BATCH = ('wanetTrigger',)
 
 # The references' SIG mask (trigger/signal_cifar10_mask.npy of NAD, ARGD and MCL): 32 equal rows of
 # a 20*sin wave stored as uint8, so its negative half wrapped around (-1 -> 255). Blended at 0.2.
@@ -69,7 +72,7 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
             vals = torch.tensor(values, dtype=torch.uint8)
             pattern[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = vals[..., None]
             mask[r0:r0 + vals.shape[0], c0:c0 + vals.shape[1]] = True
-    elif trigger_type == 'blendNoiseTrigger':
+    elif trigger_type == 'blendedTrigger':  # Blended (Chen et al. 2017): the whole image, alpha 0.2
         if trigger_path:
             pattern = read_pattern_image(trigger_path, image_size)
         else:
@@ -138,7 +141,7 @@ def apply_trigger(trigger, x, generator=None):
     if kind == 'blendTrigger':  # MCL: only the patch's pixels are blended
         mask = trigger['mask'].to(x.device)[None, :, :, None]
         return torch.where(mask, _blend(x, pattern.to(x.device)[None]), x)
-    if kind in ('blendNoiseTrigger', 'signalTrigger'):
+    if kind in ('blendedTrigger', 'signalTrigger'):
         return _blend(x, pattern.to(x.device)[None])
     if kind == 'randomPixelTrigger':  # fresh grey-level noise per image, shared by the channels
         n, h, w, _ = x.shape
@@ -150,14 +153,27 @@ def apply_trigger(trigger, x, generator=None):
     if kind == 'signalPaperTrigger':
         return (x.float() + pattern.to(x.device)[None]).round().clamp(0, 255).to(torch.uint8)
     if kind == 'wanetTrigger':
-        out = []
-        for chunk in x.split(4096):  # bounded memory for 50k-image sets
-            img = chunk.permute(0, 3, 1, 2).float()
-            grid = pattern.to(x.device)[None].expand(img.shape[0], -1, -1, -1)
-            warped = F.grid_sample(img, grid, align_corners=True)
-            out.append(warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
-        return torch.cat(out).contiguous()
+        return warp(x, pattern.to(x.device)[None])
     raise TriggerError(f"unknown trigger '{kind}'")
+
+
+def warp(x, grids):
+    """uint8 images (N, H, W, C) resampled (bilinear) at a sampling grid (1 or N, H, W, 2), rounded to uint8."""
+    out = []
+    for i in range(0, len(x), 4096):  # bounded memory for 50k-image sets
+        img = x[i:i + 4096].permute(0, 3, 1, 2).float()
+        grid = grids[i:i + 4096] if grids.shape[0] > 1 else grids.expand(img.shape[0], -1, -1, -1)
+        warped = F.grid_sample(img, grid, align_corners=True)
+        out.append(warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out).contiguous()
+
+
+def wanet_noise_grids(grid, n, generator):
+    """WaNet's noise mode: n copies of the warp grid (H, W, 2), each moved by its own uniform noise of
+    at most one pixel, clamped to the image."""
+    h = grid.shape[0]
+    noise = (torch.rand(n, *grid.shape, generator=generator) * 2 - 1).to(grid.device)
+    return (grid[None] + noise / h).clamp(-1, 1)
 
 
 def _blend(x, pattern):

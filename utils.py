@@ -48,9 +48,29 @@ def setup(args, distributed=False):
         if args.rank > 0:
             sys.stdout = open(os.devnull, 'w')
     torch.manual_seed(args.seed)
-    args.amp = device.type == 'cuda' and args.precision in ('auto', 'bf16') or args.precision == 'bf16'
+    native = native_bf16(device)
+    args.amp = args.precision == 'bf16' or (args.precision == 'auto' and native is not None)
+    why = (f'bf16 autocast ({native})' if args.amp and native else 'bf16 autocast (asked for)' if args.amp else
+           f"fp32 ({'asked for' if args.precision == 'fp32' else f'{device} has no native bf16'})")
+    print(f'device {device}, precision {why}', flush=True)
     args.eval_batch_size = args.eval_batch_size or (1000 if device.type == 'cuda' else 256)
     return device
+
+
+def native_bf16(device):
+    """Why the device computes bf16 natively (a short reason), or None: CUDA GPUs that support it,
+    and CPUs whose flags list AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo, not assumed)."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    if device.type != 'cpu':
+        return None
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return None
+    found = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+    return f"CPU with {' and '.join(found)}" if found else None
 
 
 def autocast(device, enabled):

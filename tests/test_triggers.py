@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -67,11 +68,25 @@ def test_blend_trigger_is_mcls_patch_blended_at_02():
     assert np.array_equal(apply_trigger(make_trigger('blendTrigger', 32), x).numpy(), expected)
 
 
-def test_blend_noise_is_a_fixed_alpha_02_mix():
-    trig = make_trigger('blendNoiseTrigger', 32)
+def test_blended_mixes_the_whole_image_at_alpha_02():
+    trig = make_trigger('blendedTrigger', 32)
     x = random_images()
-    assert np.array_equal(apply_trigger(trig, x).numpy(), reference_blend(x, trig['pattern']))
-    assert torch.equal(trig['pattern'], make_trigger('blendNoiseTrigger', 32, seed=5)['pattern'])  # fixed noise
+    out = apply_trigger(trig, x)
+    assert np.array_equal(out.numpy(), reference_blend(x, trig['pattern']))
+    assert (out != x).any(-1).float().mean() > 0.9  # every part of the image, not a patch
+    # one pixel by hand: int(0.8 * x + 0.2 * p)
+    v, p = int(x[1, 5, 7, 2]), int(trig['pattern'][5, 7, 2])
+    assert int(out[1, 5, 7, 2]) == int(0.8 * v + 0.2 * p)
+    assert torch.equal(trig['pattern'], make_trigger('blendedTrigger', 32, seed=5)['pattern'])  # fixed noise
+
+
+def test_blended_takes_any_image_as_its_pattern(tmp_path):
+    from PIL import Image
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = 250
+    Image.fromarray(img).save(tmp_path / 'kitty.png')
+    trig = make_trigger('blendedTrigger', 32, trigger_path=str(tmp_path / 'kitty.png'))
+    assert apply_trigger(trig, grey())[0, 0, [0, 31], 0].tolist() == [80, 130]  # 0.8*100 + 0.2*{0, 250}
 
 
 def test_random_pixel_noise_is_fresh_per_image_and_grey():
@@ -116,6 +131,49 @@ def test_trojan_needs_a_pattern_file_and_casts_like_the_references(tmp_path):
     out = apply_trigger(make_trigger('trojanTrigger', 32, trigger_path=str(tmp_path / 'trojan.npz')), grey())
     assert out[0, 0, :5, 0].tolist() == [44, 206, 100, 127, 100]
     assert (out[:, 1:] == 100).all()
+
+
+REFERENCE_TROJAN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
+                                'best_square_trigger_cifar10.npz')
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE_TROJAN), reason="the references' trojan pattern is not here")
+def test_trojan_pixels_are_the_references_file():
+    ref = np.load(REFERENCE_TROJAN)['x']  # (3, 32, 32) float32
+    x = random_images()
+    out = apply_trigger(make_trigger('trojanTrigger', 32, trigger_path=REFERENCE_TROJAN), x).numpy()
+    # the references: (img + pattern.transpose(1, 2, 0)).astype('uint8'), computed in numpy
+    expected = (x.numpy().astype(np.float64) + ref.transpose(1, 2, 0)).astype(np.int64).astype(np.uint8)
+    assert np.array_equal(out, expected)
+    changed = (out != x.numpy()).any(-1).any(0)
+    rows, cols = np.nonzero(changed)
+    assert rows.min() >= 25 and rows.max() <= 27 and cols.min() >= 25 and cols.max() <= 27
+
+
+def first_batch(x, y, poison):
+    from data_loader import Normalizer, train_batches
+    xb, yb = next(train_batches(x, y, 50, Normalizer('none', 'cpu'), seed=3, epoch=0, poison=poison))
+    return (xb * 255).round().to(torch.uint8).permute(0, 2, 3, 1), yb
+
+
+def test_wanet_warps_each_batch_after_augmentation_and_noise_images_keep_their_labels():
+    from data_loader import batch_poisoner
+    from triggers import WANET_CROSS_RATIO, warp
+    x, y = random_images(200), torch.arange(200) % 4 + 1  # no image of the target class 0
+    attack = dict(target_type='all2one', target_label=0, inject_portion=0.1, trig_w=3, trig_h=3,
+                  trigger=make_trigger('wanetTrigger', 32, seed=1))
+    clean, y_clean = first_batch(x, y, None)  # the same shuffle and crop/flip, without poison
+    poisoned, y_poisoned = first_batch(x, y, batch_poisoner(attack, 5))
+    n_bd, n_cross = 5, 5 * WANET_CROSS_RATIO  # 10% of a batch of 50, and twice as many noise images
+    # the warp is applied to the augmented images: exactly the test-time warp of what the model sees
+    assert torch.equal(poisoned[:n_bd], warp(clean[:n_bd], attack['trigger']['pattern'][None]))
+    assert (y_poisoned[:n_bd] == 0).all()
+    noise = poisoned[n_bd:n_bd + n_cross]
+    assert torch.equal(y_poisoned[n_bd:], y_clean[n_bd:])  # noise images keep their true labels
+    assert not torch.equal(noise, clean[n_bd:n_bd + n_cross])
+    assert not torch.equal(noise, warp(clean[n_bd:n_bd + n_cross], attack['trigger']['pattern'][None]))
+    assert torch.equal(poisoned[n_bd + n_cross:], clean[n_bd + n_cross:])
+    assert batch_poisoner(dict(attack, trigger=make_trigger('gridTrigger', 32)), 5) is None
 
 
 def test_wanet_warp_depends_on_seed_only():
