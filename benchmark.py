@@ -7,7 +7,8 @@ per-sample torchvision + DataLoader input path the published code uses.
     python benchmark.py --end_to_end --data_root /tmp/data/cifar10   # + each defense's wall time
 
 Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
-DataLoader pipeline, WRN-16-1 train steps (fp32, and bf16 autocast on CUDA), evaluation.
+DataLoader pipeline, and, in fp32 and bf16 autocast side by side, WRN-16-1 train steps, MCL
+inversion steps (the pattern's gradient only, parameters frozen) and evaluation.
 Data are random uint8 images: throughput does not depend on content. With --end_to_end it
 then runs each defense's script as a user would (shipped BadNets model, 5% clean data, the
 same commands as run_table.py's cells, outputs in a temporary folder) and prints its wall time and final summary.
@@ -19,10 +20,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from config import main_guard, parse_args
+from cli import main_guard, parse_args
 from data_loader import Normalizer, train_batches
 from models import select_model
-from run_table import cell_commands
+from defenses import cell_commands
+from mcl import size_penalty, stamp
 from utils import autocast, prepare_model, setup
 
 
@@ -76,6 +78,26 @@ def train_rate(model, x, y, normalizer, device, batch_size, amp, steps):
     return len(batches) * batch_size / timed(run, device)
 
 
+def inversion_rate(model, x, normalizer, device, batch_size, amp, steps):
+    """MCL's inversion step: a pattern's gradient through the frozen model (eval mode, no weight gradients)."""
+    model.eval().requires_grad_(False)
+    pattern = torch.zeros(3, 32, 32, device=device, requires_grad=True)
+    opt = torch.optim.Adam([pattern], lr=0.1)
+    target = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def run():
+        for i in range(steps):
+            with autocast(device, amp):
+                out = model(stamp(x[i * batch_size:(i + 1) * batch_size], pattern, normalizer))
+            loss = F.cross_entropy(out.float(), target) + 1e-3 * size_penalty(pattern)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    rate = steps * batch_size / timed(run, device)
+    model.train().requires_grad_(True)
+    return rate
+
+
 @torch.no_grad()
 def eval_rate(model, x, normalizer, device, batch_size, amp):
     model.eval()
@@ -117,17 +139,20 @@ def main():
     ref = reference_rate(x, y)
     print(f'reference DataLoader + PIL transforms:         {ref:12,.0f} images/s   (ours x{pipe / ref:.1f})')
 
-    steps = 200 if cuda else 20
-    for amp in ([False, True] if cuda else [False]):
-        torch.manual_seed(0)
-        model = prepare_model(select_model('WRN-16-1', 10), device)
-        if args.compile:
-            model = torch.compile(model)
-        rate = train_rate(model, xd, yd, normalizer, device, args.batch_size, amp, steps)
-        print(f"train step WRN-16-1 {'bf16' if amp else 'fp32'}:                   {rate:12,.0f} images/s   "
-              f'(pipeline = {100 * rate / pipe:.1f}% of a step)')
+    steps = 200 if cuda else 40
+    for amp in (False, True):
+        name = 'bf16' if amp else 'fp32'
+        for compile_it in ((False, True) if args.compile else (False,)):
+            torch.manual_seed(0)
+            model = prepare_model(select_model('WRN-16-1', 10), device)
+            rate = train_rate(torch.compile(model) if compile_it else model, xd, yd, normalizer, device,
+                              args.batch_size, amp, steps)
+            print(f"train step WRN-16-1 {name}{' compiled' if compile_it else ''}: {rate:12,.0f} images/s   "
+                  f'(pipeline = {100 * rate / pipe:.1f}% of a step)', flush=True)
+        inv = inversion_rate(model, xd, normalizer, device, args.batch_size, amp, steps)
+        print(f'MCL inversion step {name}:        {inv:12,.0f} images/s', flush=True)
         ev = eval_rate(model, xd[:10000], normalizer, device, args.eval_batch_size, amp)
-        print(f"evaluation WRN-16-1 {'bf16' if amp else 'fp32'} (batch {args.eval_batch_size}):      {ev:12,.0f} images/s")
+        print(f'evaluation {name} (batch {args.eval_batch_size}):    {ev:12,.0f} images/s', flush=True)
     if args.end_to_end:
         for name, seconds, m in defense_wall_times(args):
             print(f"{name + ' end to end:':32s} {seconds:8.1f} s   ACC {m['ACC']:.2f} ASR {m['ASR']:.2f} RA {m['RA']:.2f}",

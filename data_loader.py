@@ -12,12 +12,11 @@ import zlib
 import numpy as np
 import torch
 
-from config import NORMALIZATIONS, UserError, parse_normalize
+import config
+from cli import UserError, parse_normalize, resolve
+from files import atomic_save
 from triggers import PER_BATCH, WANET_CROSS_RATIO, TriggerError, apply_trigger, make_trigger, wanet_noise_grids, warp
 
-# classes, image size and default normalisation of the named data sets
-DATASET_INFO = {'CIFAR10': (10, 32, 'cifar'), 'CIFAR100': (100, 32, 'cifar'),
-                'GTSRB': (43, 32, 'none'), 'ImageFolder': (None, 32, 'none')}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.webp', '.tif', '.tiff')
 CACHE_VERSION = 1
 
@@ -25,7 +24,7 @@ CACHE_VERSION = 1
 # ----------------------------------------------------------------------------- loading
 def load_dataset(name, root, image_size=None, verbose=True):
     """-> dict(x_train, y_train, x_test, y_test, classes) with uint8 NHWC images."""
-    num_classes, default_size, _ = DATASET_INFO[name]
+    num_classes, default_size, _ = config.DATASETS[name]
     size = image_size or default_size
     if _is_image_folder(root):
         data = _cached(root, f'folder{size}', lambda: _read_image_folder(root, size, verbose), verbose)
@@ -56,7 +55,6 @@ def _cached(root, key, build, verbose):
     data = build()
     data.update(version=CACHE_VERSION, fingerprint=fingerprint)
     try:
-        from utils import atomic_save
         atomic_save(data, path)
         if verbose:
             print(f'cached decoded images in {path}')
@@ -152,16 +150,14 @@ def seeded(seed, stream):
 
 
 def make_attack(args, image_size, num_classes, meta_attack=None):
-    """Resolve the attack from flags, else the checkpoint's meta, else ATTACK_DEFAULTS."""
-    from config import ATTACK_DEFAULTS
+    """Resolve the attack: a flag given, else the checkpoint's meta, else config.ATTACK."""
     meta_attack = meta_attack or {}
-    pick = lambda k: getattr(args, k) if getattr(args, k, None) is not None else meta_attack.get(k, ATTACK_DEFAULTS[k])
-    attack = {k: pick(k) for k in ATTACK_DEFAULTS}
+    attack = {k: resolve(args, k, meta_attack.get(k)) for k in config.ATTACK if k != 'trigger_path'}
     if not 0 <= attack['target_label'] < num_classes:
         raise UserError(f"target label {attack['target_label']} is outside [0, {num_classes})")
     same_trigger = (meta_attack.get('trigger_type') == attack['trigger_type']
                     and meta_attack.get('trig_w') == attack['trig_w'] and meta_attack.get('trig_h') == attack['trig_h']
-                    and getattr(args, 'trigger_path', None) is None)
+                    and 'trigger_path' not in getattr(args, 'given', ()))
     if same_trigger and 'trigger' in meta_attack:  # the model's own generated trigger (WaNet grid, blend noise)
         attack['trigger'] = meta_attack['trigger']
     else:
@@ -230,7 +226,8 @@ def make_test_sets(x_test, y_test, attack, num_classes, seed=0):
     x_bd = apply_trigger(attack['trigger'], x_test[nontarget], generator=g)
     y_true = y_test[nontarget]
     y_bd = (y_true + 1) % num_classes if attack['target_type'] == 'all2all' else torch.full_like(y_true, attack['target_label'])
-    return {'x_clean': x_test, 'y_clean': y_test, 'nontarget': nontarget, 'x_bd': x_bd, 'y_bd': y_bd, 'y_bd_true': y_true}
+    return {'x_clean': x_test, 'y_clean': y_test, 'nontarget': nontarget, 'x_bd': x_bd, 'y_bd': y_bd, 'y_bd_true': y_true,
+            'target': attack['target_label'], 'num_classes': num_classes}
 
 
 def test_subset(test, n, seed):
@@ -239,15 +236,43 @@ def test_subset(test, n, seed):
     pick = lambda total: torch.randperm(total, generator=g)[:n].sort().values
     c, b = pick(len(test['y_clean'])).to(test['y_clean'].device), pick(len(test['y_bd'])).to(test['y_bd'].device)
     return {'x_clean': test['x_clean'][c], 'y_clean': test['y_clean'][c], 'nontarget': test['nontarget'][c],
-            'x_bd': test['x_bd'][b], 'y_bd': test['y_bd'][b], 'y_bd_true': test['y_bd_true'][b]}
+            'x_bd': test['x_bd'][b], 'y_bd': test['y_bd'][b], 'y_bd_true': test['y_bd_true'][b],
+            'target': test['target'], 'num_classes': test['num_classes']}
+
+
+def subset_size(total, ratio):
+    return max(1, int(round(total * ratio)))
+
+
+def clean_subset_order(n, seed):
+    """The seeded order of the training set the defender's subset is cut from (its first images)."""
+    return torch.randperm(n, generator=seeded(seed, 'clean-subset'))
 
 
 def clean_subset(x, y, ratio, seed):
     """The defender's clean data: a seeded random `ratio` of the training set."""
-    g = seeded(seed, 'clean-subset')
-    n = max(1, int(round(len(y) * ratio)))
-    idx = torch.randperm(len(y), generator=g)[:n].sort().values
+    idx = clean_subset_order(len(y), seed)[:subset_size(len(y), ratio)].sort().values
     return x[idx], y[idx]
+
+
+def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed):
+    """The retuning attack's data: a seeded `ratio` of the training set, cut from the same order as the
+    defender's subset right after it (so the two never share an image), with `poisoned` of its
+    images (the first that the attack can poison: not of the target class for label-flipping attacks,
+    of it for cleanLabel) carrying the model's trigger and label. Returns (x, y, indices into the
+    training set, positions of the poisoned images)."""
+    order = clean_subset_order(len(y), seed)
+    start = subset_size(len(y), defense_ratio)
+    idx = order[start:start + subset_size(len(y), ratio)].sort().values
+    x, y = x[idx].clone(), y[idx].clone()
+    target, kind = attack['target_label'], attack['target_type']
+    eligible = (y == target) if kind == 'cleanLabel' else (y != target) if kind == 'all2one' else torch.ones_like(y, dtype=torch.bool)
+    pos = torch.nonzero(eligible).flatten()[:poisoned]
+    if len(pos) < poisoned:
+        raise UserError(f'the retuning set has only {len(pos)} images the attack can poison, {poisoned} asked for')
+    x[pos] = apply_trigger(attack['trigger'], x[pos], generator=seeded(seed, 'retune'))
+    y[pos] = poisoned_labels(y[pos], attack, num_classes)
+    return x, y, idx, pos
 
 
 # ----------------------------------------------------------------------------- batches
@@ -268,7 +293,7 @@ class Normalizer:
 
 
 def default_normalize(dataset):
-    return list(sum(NORMALIZATIONS[DATASET_INFO[dataset][2]], ()))
+    return list(sum(config.NORMALIZATIONS[config.DATASETS[dataset][2]], ()))
 
 
 def augment(x, generator, pad=4, cutout=0):
@@ -322,18 +347,19 @@ class RunData:
 
     def __init__(self, args, device, meta=None, verbose=True):
         meta = meta or {}
-        self.image_size = args.image_size or meta.get('image_size') or DATASET_INFO[args.dataset][1]
+        self.image_size = resolve(args, 'image_size', meta.get('image_size')) or config.DATASETS[args.dataset][1]
         data = load_dataset(args.dataset, args.data_root, self.image_size, verbose)
         self.classes = data['classes']
-        self.num_classes = args.num_class or meta.get('num_classes') or len(self.classes)
+        self.num_classes = resolve(args, 'num_class', meta.get('num_classes')) or len(self.classes)
         if self.num_classes != len(self.classes):
             raise UserError(f'the model has {self.num_classes} classes, {args.dataset} at {args.data_root} '
                             f'has {len(self.classes)}')
-        self.normalizer = Normalizer(args.normalize or meta.get('normalize') or default_normalize(args.dataset), device)
+        self.normalizer = Normalizer(resolve(args, 'normalize', meta.get('normalize')) or default_normalize(args.dataset),
+                                     device)
         self.attack = make_attack(args, self.image_size, self.num_classes, meta.get('attack'))
         self.x_train, self.y_train = data['x_train'], data['y_train']
         test = make_test_sets(data['x_test'], data['y_test'], self.attack, self.num_classes, args.seed)
-        self.test = {k: v.to(device) for k, v in test.items()}
+        self.test = {k: v.to(device) if torch.is_tensor(v) else v for k, v in test.items()}
 
     def clean_subset(self, ratio, seed, device):
         x, y = clean_subset(self.x_train, self.y_train, ratio, seed)

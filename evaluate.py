@@ -7,7 +7,7 @@
 The attack comes from the checkpoint's meta; flags override it (needed for checkpoints
 that carry only a state_dict).
 """
-from config import UserError, main_guard, parse_args
+from cli import UserError, main_guard, parse_args
 from data_loader import RunData
 from utils import evaluate, load_model, setup, summary_line
 

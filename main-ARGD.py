@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from argd import ARGDLoss
 from at import nad_loss
-from config import DEFENSE_SCHEDULES, main_guard, parse_args
-from train_teacher import distillation_batches, finetune, teacher_path
-from utils import check_writable, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
+from cli import main_guard, parse_args
+from config import DEFENSE_SCHEDULES
+from files import check_writable
+from teacher import distillation_batches, finetune, teacher_path
+from utils import defender_check, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
 
 
 def main():
@@ -67,6 +69,7 @@ def main():
     metrics = fit(args, student, loss_fn, distillation_batches(args, run), lr_at, data.test, data.normalizer,
                   out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
                   extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
+    defender_check(run, student, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))
 

@@ -17,7 +17,12 @@ COST_UP, COST_DOWN = 1.5, 1.5 ** 1.5
 
 def size_penalty(param):
     """Soft count of perturbed pixels: per pixel, max over channels of tanh(p/10)/(2-eps)+0.5."""
-    return (torch.tanh(param / 10) / (2 - EPS) + 0.5).amax(0).sum()
+    return size_penalties(param[None])[0]
+
+
+def size_penalties(params):
+    """size_penalty of each of a stack of patterns (K, C, H, W) -> (K,)."""
+    return (torch.tanh(params / 10) / (2 - EPS) + 0.5).amax(1).sum((1, 2))
 
 
 def add_pattern(x01, pattern):
@@ -36,83 +41,101 @@ def stamp(x_uint8, pattern, normalizer):
 
 
 @torch.no_grad()
-def pattern_success(model, x, pattern, target, normalizer, batch_size=256):
+def pattern_success(model, x, pattern, target, normalizer, batch_size=256, amp=False):
     """Share of the images x that x + pattern sends to `target` (model in eval mode)."""
-    hits = sum(int((model(stamp(x[i:i + batch_size], pattern, normalizer)).argmax(1) == target).sum())
-               for i in range(0, len(x), batch_size))
+    hits = 0
+    for i in range(0, len(x), batch_size):
+        with autocast(x.device, amp):
+            hits += int((model(stamp(x[i:i + batch_size], pattern, normalizer)).argmax(1) == target).sum())
     return hits / max(len(x), 1)
 
 
-def invert_trigger(model, x, target, normalizer, passes=100, batch_size=64, patience=0, asr_bound=0.9,
-                   init_cost=1e-3, lr=0.1, seed=0, report=None):
-    """Find a small additive pattern (3, H, W), values in [-1, 1] in [0,1]-pixel units, that sends
-    the clean uint8 images x (N, H, W, C) to `target`.
+def invert_triggers(model, x, targets, normalizer, passes=100, batch_size=64, patience=0, asr_bound=0.9,
+                    init_cost=1e-3, lr=0.1, seed=0, amp=False, report=None):
+    """For each class in `targets`, find a small additive pattern (3, H, W), values in [-1, 1] in
+    [0,1]-pixel units, that sends the clean uint8 images x (N, H, W, C) to that class.
 
+    All classes are inverted together: each batch is stacked once per class (class k's copy carries
+    pattern k), so one forward serves them all; each class has its own pattern, size cost and
+    success counters, and Adam's update is per element, so a class's pattern is the one it would get
+    alone (BatchNorm is in eval mode and the model's parameters are frozen: no weight gradients).
     Counted as the reference (PixelBackdoor.generate) counts it: `passes` shuffled passes over x in
-    batches of `batch_size` (ragged tail dropped, as its loader), one Adam step per batch; after
-    each pass, the pass's mean success and size penalty decide whether the pattern is the best
-    so far and whether the size cost moves. patience > 0 stops after that many passes without a
-    smaller pattern. report(text), if given, hears from it every 10 passes. Returns (pattern, info):
-    info = dict(l1, pixels, asr (success of the pattern on all of x), passes, found).
+    batches of `batch_size` (ragged tail dropped), one Adam step per batch; after each pass, the
+    pass's mean success and size penalty decide whether a pattern is the best so far and whether its
+    cost moves. patience > 0 retires a class after that many passes without a smaller pattern.
+    As the reference, a class whose pattern never reached asr_bound gets an all-zero pattern.
+    Returns [(pattern, info)] in the order of targets: info = dict(l1, pixels, asr (success on all
+    of x), passes, found, last_l1 (of the last pass's pattern, which detection ranks a miss by)).
     """
-    g = torch.Generator().manual_seed(seed * 7919 + target)
-    device = x.device
+    device, k = x.device, len(targets)
     shape = (3, x.shape[1], x.shape[2])
-    pos = torch.rand(shape, generator=g).to(device).requires_grad_(True)
-    neg = torch.rand(shape, generator=g).to(device).requires_grad_(True)
+    inits = [torch.Generator().manual_seed(seed * 7919 + t) for t in targets]  # a class's start: its own
+    pos = torch.stack([torch.rand(shape, generator=g) for g in inits]).to(device).requires_grad_(True)
+    neg = torch.stack([torch.rand(shape, generator=g) for g in inits]).to(device).requires_grad_(True)
+    order_g = torch.Generator().manual_seed(seed * 7919 - 1)  # the batch order: shared by all classes
     opt = torch.optim.Adam([pos, neg], lr=lr, betas=(0.5, 0.9))
-    threshold = 1.0 / 255
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
+    was_training, requires = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
     batch_size = min(batch_size, len(x))
-    labels = torch.full((batch_size,), target, device=device)
-    cost, up, down, since_best = init_cost, 0, 0, 0
-    best, best_reg, best_pixels = None, float('inf'), float('inf')
-    done = 0
+    labels = torch.tensor(targets, device=device).repeat_interleave(batch_size)
+    cost, up, down, since_best = [init_cost] * k, [0] * k, [0] * k, [0] * k
+    best, best_reg, best_pixels = [None] * k, [float('inf')] * k, [float('inf')] * k
+    active, passes_done = list(range(k)), [0] * k
     for done in range(1, passes + 1):
-        order = torch.randperm(len(x), generator=g).to(device)
-        hits, regs = torch.zeros((), device=device), []
+        order = torch.randperm(len(x), generator=order_g).to(device)
+        hits, regs, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
         for i in range(0, len(x) - batch_size + 1, batch_size):
-            out = model(stamp(x[order[i:i + batch_size]], pos.clamp(0, 1) - neg.clamp(0, 1), normalizer))
-            reg = size_penalty(pos) + size_penalty(neg)
-            loss = F.cross_entropy(out, labels) + cost * reg
+            xb = x[order[i:i + batch_size]].permute(0, 3, 1, 2).float() / 255
+            patterns = pos.clamp(0, 1) - neg.clamp(0, 1)
+            stacked = add_pattern(xb[None], patterns[:, None]).flatten(0, 1)     # (k * B, C, H, W)
+            with autocast(device, amp):
+                out = model(normalizer.normalize_float(stacked)).float()
+            reg = size_penalties(pos) + size_penalties(neg)                      # (k,)
+            ce = F.cross_entropy(out, labels, reduction='none').view(k, batch_size).mean(1)
+            loss = (ce + torch.tensor(cost, device=device) * reg)[active].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            hits += (out.argmax(1) == target).float().mean().detach()
-            regs.append(reg.detach())
-        asr, reg = hits.item() / len(regs), torch.stack(regs).mean().item()
+            hits += (out.argmax(1) == labels).float().view(k, batch_size).mean(1).detach()
+            regs += reg.detach()
+            steps += 1
+        asr, reg = (hits / steps).tolist(), (regs / steps).tolist()
         with torch.no_grad():
             current = pos.clamp(0, 1) - neg.clamp(0, 1)
-            current = torch.where(current.abs() < threshold, torch.zeros_like(current), current)
-            pixels = pattern_pixels(current)
-            if asr >= asr_bound and reg < best_reg and pixels < best_pixels:
-                best, best_reg, best_pixels, since_best = current.clone(), reg, pixels, 0
-                # restart from the thresholded best, as the reference does
-                pos.copy_(current.clamp(min=0))
-                neg.copy_((-current).clamp(min=0))
-            else:
-                since_best += 1
-        up, down = (up + 1, 0) if asr >= asr_bound else (0, down + 1)
-        if up >= COST_PATIENCE:
-            up, cost = 0, cost * COST_UP if cost > 0 else init_cost
-        elif down >= COST_PATIENCE:
-            down, cost = 0, cost / COST_DOWN
+            current = torch.where(current.abs() < 1.0 / 255, torch.zeros_like(current), current)
+            for c in list(active):
+                passes_done[c] = done
+                pixels = pattern_pixels(current[c])
+                if asr[c] >= asr_bound and reg[c] < best_reg[c] and pixels < best_pixels[c]:
+                    best[c], best_reg[c], best_pixels[c], since_best[c] = current[c].clone(), reg[c], pixels, 0
+                    pos[c].copy_(current[c].clamp(min=0))  # restart from the thresholded best, as the reference
+                    neg[c].copy_((-current[c]).clamp(min=0))
+                else:
+                    since_best[c] += 1
+                up[c], down[c] = (up[c] + 1, 0) if asr[c] >= asr_bound else (0, down[c] + 1)
+                if up[c] >= COST_PATIENCE:
+                    up[c], cost[c] = 0, cost[c] * COST_UP if cost[c] > 0 else init_cost
+                elif down[c] >= COST_PATIENCE:
+                    down[c], cost[c] = 0, cost[c] / COST_DOWN
+                if patience and best[c] is not None and since_best[c] >= patience:
+                    active.remove(c)
         if report and done % 10 == 0:
-            report(f'inversion pass {done}/{passes}: success {100 * asr:.1f}%, best pattern '
-                   f'{best_pixels if best is not None else "-"} pixels, cost {cost:.2e}')
-        if patience and best is not None and since_best >= patience:
+            report(f'inversion pass {done}/{passes}: ' + ', '.join(
+                f"class {t} success {100 * asr[c]:.1f}% best {best_pixels[c] if best[c] is not None else '-'} px"
+                for c, t in enumerate(targets)))
+        if not active:
             break
-    found = best is not None
-    pattern = (best if found else current).detach()
-    success = pattern_success(model, x, pattern, target, normalizer)
+    results = []
+    for c, t in enumerate(targets):
+        pattern = best[c] if best[c] is not None else torch.zeros(shape, device=device)
+        success = pattern_success(model, x, pattern, t, normalizer, amp=amp)
+        results.append((pattern, dict(l1=float(pattern.abs().sum()), pixels=pattern_pixels(pattern), asr=success,
+                                      passes=passes_done[c], found=best[c] is not None,
+                                      last_l1=float(current[c].abs().sum()))))
     for p, r in zip(model.parameters(), requires):
         p.requires_grad_(r)
     model.train(was_training)
-    return pattern, dict(l1=float(pattern.abs().sum()), pixels=pattern_pixels(pattern),
-                         asr=success, passes=done, found=found)
+    return results
 
 
 def anomaly_indices(norms):

@@ -1,6 +1,6 @@
 """ACC and ASR per epoch of every defense on one backdoored model, from run_table.py's logs.
 
-    python plot_curves.py                         # results/curves_badnet.png from results/logs/s0
+    python plot_curves.py                         # results/curves_badnet.png from results/logs/<settings>/s0
     python plot_curves.py --attacks blend,wanet   # one picture per attack
 
 Needs matplotlib (optional: pip install matplotlib); nothing else in the project imports it.
@@ -8,21 +8,28 @@ Epoch 0 is the backdoored model; rows before the last score a fixed --eval_subse
 test sets, the last row the full sets.
 """
 import csv
+import glob
 import io
 import os
 
-from config import UserError, main_guard, parse_args
-from utils import atomic_write_bytes
+from cli import UserError, main_guard, parse_args
+from defenses import DEFENSES
+from files import atomic_write_bytes
 
-# CSV prefix of each defense script's log, and its label
-DEFENSE_LOGS = (('teacher', 'FT'), ('nad', 'NAD'), ('argd', 'ARGD'), ('mcl', 'MCL'))
+
+def log_folder(table_dir, seed, attack):
+    """The newest of run_table.py's log folders (one per set of settings) with this attack's logs."""
+    found = glob.glob(os.path.join(table_dir, 'logs', '*', f's{seed}', f'*_{attack}.csv'))
+    return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
 
 
 def read_curves(log_dir, attack):
     """-> {label: (epochs, ACC, ASR)} for the defenses whose log exists."""
     curves = {}
-    for prefix, label in DEFENSE_LOGS:
-        path = os.path.join(log_dir, f'{prefix}_{attack}.csv')
+    for d in DEFENSES.values():
+        if d['log'] is None:
+            continue
+        label, path = d['label'], os.path.join(log_dir, f"{d['log']}_{attack}.csv")
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -61,11 +68,12 @@ def plot(curves, title):
 
 def main():
     args = parse_args('plot_curves.py', description=__doc__.split('\n\n')[0])
-    log_dir = os.path.join(args.table_dir, 'logs', f's{args.seed}')
     for attack in [a.strip() for a in args.attacks.split(',')]:
-        curves = read_curves(log_dir, attack)
+        log_dir = log_folder(args.table_dir, args.seed, attack)
+        curves = read_curves(log_dir, attack) if log_dir else {}
         if not curves:
-            raise UserError(f'no defense logs for {attack} in {log_dir} (run run_table.py --attacks {attack} first)')
+            raise UserError(f'no defense logs for {attack} under {args.table_dir}/logs (run run_table.py --attacks '
+                            f'{attack} first)')
         out = os.path.join(args.table_dir, f'curves_{attack}.png')
         atomic_write_bytes(plot(curves, f'Defenses on the {attack} WRN-16-1 (5% clean data)'), out)
         print(f"{out}: {', '.join(curves)}")

@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import torch
 
-from config import main_guard, parse_args
+from cli import main_guard, parse_args
 from data_loader import load_dataset
 from triggers import TRIGGERS, apply_trigger, make_trigger
 

@@ -16,17 +16,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from config import BADNET_RECIPES, main_guard, parse_args
+from cli import main_guard, parse_args
+from config import BADNET_RECIPES
 from data_loader import RunData, batch_poisoner, poison_train_set, train_batches
 from models import select_model
-from utils import (check_writable, compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup,
-                   step_lr, summary_line)
+from files import check_writable
+from utils import compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup, step_lr, summary_line
 
 
 def main():
     args = parse_args('train_badnet.py', description=__doc__.split('\n\n')[0])
     recipe = BADNET_RECIPES[args.recipe]
-    args.arch = args.arch or 'WRN-16-1'
     args.normalize = args.normalize or recipe['normalize']
     device = setup(args, distributed=True)
     out = args.output or os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')

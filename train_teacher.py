@@ -3,39 +3,16 @@
     python train_teacher.py --data_root /tmp/data/cifar10            # weight/s_net/WRN-16-1.tar -> weight/t_net/
     python train_teacher.py --s_model weight/s_net/blend.tar --ratio 0.05 --teacher_epochs 10
 
-As the NAD README describes its teacher (NAD's main.py with every beta 0): all layers,
-cross-entropy only, crop + flip + Cutout, SGD Nesterov (momentum 0.9, weight decay 1e-4),
---teacher_lr for epochs 0-1 and a tenth of it after (config.DEFENSE_SCHEDULES['finetune']).
+The recipe is NAD's teacher (teacher.py): all layers, cross-entropy, crop + flip + Cutout, SGD
+Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after.
 """
 import os
 import time
 
-import torch.nn.functional as F
-
-from config import DEFENSE_SCHEDULES, main_guard, parse_args
-from data_loader import train_batches
-from utils import check_writable, defense_meta, defense_setup, fit, step_lr, summary_line
-
-
-def teacher_path(args, s_name):
-    return args.t_model or os.path.join(args.checkpoint_root, 't_net', f'{s_name}.tar')
-
-
-def distillation_batches(args, run):
-    """The distillation defenses' data (NAD/ARGD get_train_loader): crop + flip + Cutout, and no
-    ragged last batch, which at lr 0.1 would be one large step on a handful of images."""
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, run.data.normalizer, args.seed, epoch,
-                                       drop_last=True, cutout=args.cutout)
-
-
-def finetune(args, run, model, out, csv_path, tag='teacher'):
-    """Fine-tune `model` in place on the clean subset run.x/run.y, save it to `out`; returns its metrics."""
-    schedule = DEFENSE_SCHEDULES['finetune']
-    lr_at = lambda epoch: step_lr(args.teacher_lr, epoch, schedule['milestones'], schedule['factors'])
-    loss_fn = lambda x, y: F.cross_entropy(model(x), y)
-    return fit(args, model, loss_fn, distillation_batches(args, run), lr_at, run.data.test, run.data.normalizer,
-               out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, 'finetune'),
-               epochs=args.teacher_epochs, nesterov=True, evaluate_first=True, tag=tag)
+from cli import main_guard, parse_args
+from files import check_writable
+from teacher import finetune, teacher_path
+from utils import defender_check, defense_setup, summary_line
 
 
 def main():
@@ -47,6 +24,7 @@ def main():
     check_writable(out)
     check_writable(csv_path)
     metrics = finetune(args, run, run.model, out, csv_path)
+    defender_check(run, run.model, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))
 

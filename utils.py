@@ -1,26 +1,26 @@
-"""Shared machinery: device and seeds, atomic files, checkpoints, the one evaluation
-function, and the one training loop every script uses."""
-import csv
-import io
+"""Shared machinery: device and seeds, checkpoints, the one evaluation function, and the one
+training loop every script uses."""
 import json
 import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 import warnings
 from types import SimpleNamespace
 
 import torch
 
-from config import UserError
+import config
+from cli import UserError, resolve
 from data_loader import RunData, test_subset
+from files import atomic_save, write_csv
 from models import MODELS, select_model
 
-METRICS = ('ACC', 'ACC_all', 'ASR', 'RA')
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+METRICS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # the summary line, in this order
+# options that do not change a run's result: a resumed run may differ in these only
+NOT_RESULT = ('device', 'threads', 'output', 'log_root', 'checkpoint_root', 'resume', 'eval_every', 'eval_subset',
+              'eval_batch_size', 'json', 'given', 'rank')
 
 
 # ----------------------------------------------------------------------------- setup
@@ -53,7 +53,7 @@ def setup(args, distributed=False):
     why = (f'bf16 autocast ({native})' if args.amp and native else 'bf16 autocast (asked for)' if args.amp else
            f"fp32 ({'asked for' if args.precision == 'fp32' else f'{device} has no native bf16'})")
     print(f'device {device}, precision {why}', flush=True)
-    args.eval_batch_size = args.eval_batch_size or (1000 if device.type == 'cuda' else 256)
+    args.eval_batch_size = args.eval_batch_size or config.EVAL_BATCH_SIZE.get(device.type, config.EVAL_BATCH_SIZE['cpu'])
     return device
 
 
@@ -101,56 +101,6 @@ def end_distributed(args):
         torch.distributed.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- files
-def check_writable(path):
-    """Fail before any work if `path` (a file to be written) cannot be created."""
-    d = os.path.dirname(os.path.abspath(path))
-    probe = d
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise UserError(f'cannot write {path}: {probe} is not a writable directory')
-    if os.path.isdir(path):
-        raise UserError(f'cannot write {path}: it is a directory')
-
-
-def atomic_write_bytes(data, path):
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
-def write_csv(rows, path):
-    if not rows:
-        return
-    keys = list(rows[0])
-    for r in rows[1:]:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator='\n')
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(buf.getvalue().encode(), path)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path, map_location='cpu'):
     """torch.load with weights_only=True (checkpoints are untrusted input) and clear errors."""
@@ -189,10 +139,10 @@ def load_model(path, args, num_classes_hint, device):
     ckpt = load_checkpoint(path, map_location=device)
     meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
     sd = state_dict_of(ckpt, path)
-    arch = args.arch or meta.get('arch') or 'WRN-16-1'
+    arch = resolve(args, 'arch', meta.get('arch'))
     if arch not in MODELS:
         raise UserError(f"{path}: unknown model '{arch}' in meta")
-    num_classes = args.num_class or meta.get('num_classes') or num_classes_hint
+    num_classes = resolve(args, 'num_class', meta.get('num_classes')) or num_classes_hint
     if num_classes is None:  # an image folder not read yet: infer from the classifier
         num_classes = next((v.shape[0] for k, v in sd.items() if k in ('fc.weight', 'linear.weight')), 10)
     model = select_model(arch, num_classes)
@@ -252,32 +202,36 @@ def predict(model, x, normalizer, batch_size, amp=False):
 
 
 def evaluate(model, test, normalizer, batch_size=1000, amp=False):
-    """ACC on non-target test images (the papers' number), ACC on all, ASR, RA, in percent."""
+    """In percent: ACC on the non-target test images (the papers' number), ACC_all on all of them,
+    ACC_target on the target class's (which ACC leaves out), ASR, RA, and per_class accuracy."""
     was_training = model.training
     model.eval()
-    ok = predict(model, test['x_clean'], normalizer, batch_size, amp) == test['y_clean']
+    y = test['y_clean']
+    ok = predict(model, test['x_clean'], normalizer, batch_size, amp) == y
     p_bd = predict(model, test['x_bd'], normalizer, batch_size, amp)
     model.train(was_training)
     pct = lambda t: round(100.0 * t.float().mean().item(), 2) if t.numel() else 0.0
-    return {'ACC': pct(ok[test['nontarget']]), 'ACC_all': pct(ok), 'ASR': pct(p_bd == test['y_bd']),
-            'RA': pct(p_bd == test['y_bd_true'])}
+    return {'ACC': pct(ok[test['nontarget']]), 'ACC_all': pct(ok), 'ACC_target': pct(ok[y == test['target']]),
+            'ASR': pct(p_bd == test['y_bd']), 'RA': pct(p_bd == test['y_bd_true']),
+            'per_class': [pct(ok[y == c]) for c in range(test['num_classes'])]}
 
 
 def summary_line(metrics, as_json=False):
     if as_json:
-        return json.dumps({k: metrics[k] for k in METRICS})
+        return json.dumps({k: v for k, v in metrics.items()})
     return ' '.join(f'{k} {metrics[k]:.2f}' for k in METRICS)
 
 
 # ----------------------------------------------------------------------------- training
 def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv_path, meta, epochs=None,
         params=None, extra_modules=None, nesterov=False, evaluate_first=False, tag='train'):
-    """The training loop of every script; ends by saving the final model to out_path.
+    """The training loop of every script; ends by saving the final model to out_path (None: the
+    model is only returned in place, with no resume state and no file).
 
     loss_fn(x, y) -> scalar loss; batches(epoch) -> iterable of (x, y) on the device;
     lr_at(epoch) -> learning rate of that epoch (0-based). Each epoch ends with an atomic
-    resume state (model, optimiser, extra modules, RNG, CSV rows), so --resume after a crash
-    repeats the uninterrupted run exactly. Returns the final model's metrics.
+    resume state, so --resume after a crash repeats the uninterrupted run exactly (or refuses,
+    if any option that changes the result differs). Returns the final model's metrics.
     """
     epochs = args.epochs if epochs is None else epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
@@ -285,78 +239,100 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     params = list(params if params is not None else model.parameters())
     optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
                                 nesterov=nesterov)
-    state_path = out_path + '.resume'
-    run_id = dict({k: getattr(args, k, None) for k in ('seed', 'batch_size', 'ratio', 'dataset')}, epochs=epochs,
-                  lr=[lr_at(e) for e in range(epochs)], tag=tag)
-    rows, start = [], 0
-    if args.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path, map_location=next(model.parameters()).device)
-        if state.get('run_id') != run_id:
-            raise UserError(f'{state_path} was written by a run with other options {state.get("run_id")}; '
-                            'delete it or rerun without --resume')
-        unwrap(model).load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        for name, m in extra_modules.items():
-            m.load_state_dict(state['extra'][name])
-        torch.set_rng_state(state['rng'])
-        rows, start = state['rows'], state['epoch']
-        print(f'resuming {tag} from epoch {start} ({state_path})')
-    elif args.resume:
-        print(f'no resume state at {state_path}: starting {tag} from scratch')
+    state_path = out_path + '.resume' if out_path else None
+    run_id = dict(result_options(args), tag=tag, epochs=epochs, lr=[lr_at(e) for e in range(epochs)])
+    rows = load_resume_state(args, state_path, run_id, model, optimizer, extra_modules, tag)
     # per-epoch rows watch a fixed subset; the final model is scored on the full test sets
     monitor = test_subset(test, args.eval_subset, args.seed) if args.eval_subset else test
-    score = lambda t: dict(evaluate(model, t, normalizer, args.eval_batch_size, args.amp), eval_images=len(t['y_clean']))
+    score = lambda t: evaluate(model, t, normalizer, args.eval_batch_size, args.amp)
+    final = None
     if not rows and evaluate_first:
-        rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **score(monitor), seconds=0.0))
+        rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **csv_metrics(score(monitor), monitor), seconds=0.0))
         print(log_line(rows[-1], epochs, tag))
-        if lead:
-            write_csv(rows, csv_path)
-    device = next(model.parameters()).device
-    for epoch in range(start, epochs):
+    for epoch in range(rows[-1]['epoch'] if rows else 0, epochs):
         t0 = time.time()
-        lr = lr_at(epoch)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        model.train()
-        total = torch.zeros((), device=device)
-        bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        steps = 0
-        for x, y in batches(epoch):
-            with autocast(device, args.amp):
-                loss = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # no host sync per step: remember the first non-finite step on the device
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), steps, bad_step)
-            total += loss.detach().float()
-            steps += 1
-        if bad_step.item() >= 0:
-            raise UserError(f'{tag}: loss became NaN/inf at epoch {epoch + 1} step {bad_step.item() + 1}; '
-                            f'stopped, the last good state is {state_path if os.path.exists(state_path) else "the input model"}')
-        row = dict(epoch=epoch + 1, lr=lr, loss=round(total.item() / max(steps, 1), 5))
+        loss = train_epoch(model, optimizer, loss_fn, batches(epoch), lr_at(epoch), args.amp)
+        if not math.isfinite(loss):
+            raise UserError(f'{tag}: loss became NaN/inf in epoch {epoch + 1}; stopped, the last good state is '
+                            f'{state_path if state_path and os.path.exists(state_path) else "the input model"}')
+        row = dict(epoch=epoch + 1, lr=lr_at(epoch), loss=round(loss, 5))
         if epoch + 1 == epochs:
-            row.update(score(test))
+            final = score(test)
+            row.update(csv_metrics(final, test))
         elif (epoch + 1) % args.eval_every == 0:
-            row.update(score(monitor))
+            row.update(csv_metrics(score(monitor), monitor))
         row['seconds'] = round(time.time() - t0, 2)
         rows.append(row)
         print(log_line(row, epochs, tag), flush=True)
-        if not lead:
-            continue
+        if lead:
+            write_csv(rows, csv_path)
+        if lead and state_path:
+            atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                         'extra': {n: m.state_dict() for n, m in extra_modules.items()},
+                         'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
+    if lead and rows:
         write_csv(rows, csv_path)
-        atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-                     'extra': {n: m.state_dict() for n, m in extra_modules.items()}, 'epoch': epoch + 1,
-                     'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
-    # the last epoch's row was scored on the full test sets; only a run without epochs needs a pass
-    last = rows[-1] if rows else {}
-    metrics = {k: last[k] for k in METRICS} if epochs > 0 and last.get('epoch') == epochs else \
-        evaluate(model, test, normalizer, args.eval_batch_size, args.amp)
-    if lead:
-        save_checkpoint(out_path, model, meta, epochs, metrics)
+    final = final or score(test)
+    if lead and out_path:
+        save_checkpoint(out_path, model, meta, epochs, final)
         if os.path.exists(state_path):  # only once the final model is safely written
             os.unlink(state_path)
-    return metrics
+    return final
+
+
+def train_epoch(model, optimizer, loss_fn, batches, lr, amp):
+    """One pass of SGD steps; returns the mean loss (NaN if any step's loss was not finite)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    model.train()
+    device = next(model.parameters()).device
+    total, finite, steps = torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device), 0
+    for x, y in batches:
+        with autocast(device, amp):
+            loss = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        finite &= torch.isfinite(loss.detach())  # no host sync per step
+        total += loss.detach().float()
+        steps += 1
+    return total.item() / max(steps, 1) if finite.item() else float('nan')
+
+
+def result_options(args):
+    """Every option that changes a run's result, as plain values (what a resume must match)."""
+    plain = (int, float, str, bool, type(None))
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(vars(args).items())
+            if k not in NOT_RESULT and (isinstance(v, plain) or isinstance(v, (list, tuple)))}
+
+
+def load_resume_state(args, state_path, run_id, model, optimizer, extra_modules, tag):
+    """With --resume and a state file: check it was written by this run's options, load it, and
+    return its CSV rows; else []."""
+    if not getattr(args, 'resume', False) or not state_path:
+        return []
+    if not os.path.exists(state_path):
+        print(f'no resume state at {state_path}: starting {tag} from scratch')
+        return []
+    state = load_checkpoint(state_path, map_location=next(model.parameters()).device)
+    old = state.get('run_id') or {}
+    for key in sorted(set(old) | set(run_id)):
+        if old.get(key, '(unset)') != run_id.get(key, '(unset)'):
+            name = f'--{key}' if key not in ('tag', 'lr', 'amp') else key
+            raise UserError(f'{state_path} was written with {name} {old.get(key, "(unset)")}, this run has '
+                            f'{run_id.get(key, "(unset)")}: delete it or rerun without --resume')
+    unwrap(model).load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    for name, m in extra_modules.items():
+        m.load_state_dict(state['extra'][name])
+    torch.set_rng_state(state['rng'])
+    print(f"resuming {tag} after epoch {state['rows'][-1]['epoch']} ({state_path})")
+    return state['rows']
+
+
+def csv_metrics(metrics, test):
+    """The per-epoch CSV columns of an evaluation (no per-class list), with how many images it scored."""
+    return dict({k: metrics[k] for k in METRICS}, eval_images=len(test['y_clean']))
 
 
 def step_lr(base, epoch, milestones, factors):
@@ -368,7 +344,7 @@ def log_line(row, epochs, tag):
     parts = [f"{tag} epoch {row['epoch']:3d}/{epochs}", f"lr {row['lr']:.4f}"]
     if not math.isnan(row['loss']):
         parts.append(f"loss {row['loss']:.4f}")
-    parts += [f'{k} {row[k]:6.2f}' for k in ('ACC', 'ASR', 'RA') if k in row]
+    parts += [f'{k} {row[k]:6.2f}' for k in ('ACC', 'ACC_target', 'ASR', 'RA') if k in row]
     if 'eval_images' in row:
         parts.append(f"({row['eval_images']} test imgs)")
     parts.append(f"{row['seconds']:.1f}s")
@@ -379,14 +355,39 @@ def defense_setup(args):
     """Everything a defense starts from: device, the model under defense (--s_model) and its
     meta, the data with the attack for evaluation, and the defender's clean subset."""
     device = setup(args)
-    s_path = args.s_model or os.path.join(args.checkpoint_root, 's_net', f'{args.arch or "WRN-16-1"}.tar')
+    s_path = args.s_model or os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')
     model, meta = load_model(s_path, args, None, device)
     data = RunData(args, device, meta)
     x, y = data.clean_subset(args.ratio, args.seed, device)
     s_name = os.path.splitext(os.path.basename(s_path))[0]
     print(f"{s_path}: {meta['arch']}, attack {data.attack['trigger_type']} {data.attack['target_type']} "
           f"target {data.attack['target_label']} (for evaluation only); {len(y)} clean images ({args.ratio:g} of train)")
-    return SimpleNamespace(device=device, model=model, meta=meta, data=data, x=x, y=y, s_path=s_path, s_name=s_name)
+    before = subset_accuracy(model, x, y, data.normalizer, args)
+    return SimpleNamespace(device=device, model=model, meta=meta, data=data, x=x, y=y, s_path=s_path, s_name=s_name,
+                           subset_before=before)
+
+
+def subset_accuracy(model, x, y, normalizer, args):
+    """Accuracy (%) on the defender's own clean images: the one check a defender can make."""
+    was_training = model.training
+    model.eval()
+    ok = predict(model, x, normalizer, args.eval_batch_size, args.amp) == y
+    model.train(was_training)
+    return round(100.0 * ok.float().mean().item(), 2)
+
+
+def defender_check(run, model, args, metrics):
+    """Add the clean-subset accuracy before and after the defense to metrics, and warn (stdout and
+    metrics['warning']) when it fell by more than config.COLLAPSE_POINTS: the defender sees the
+    collapse without looking at the test set."""
+    after = subset_accuracy(model, run.x, run.y, run.data.normalizer, args)
+    metrics.update(subset_before=run.subset_before, subset_after=after, warning=None)
+    print(f"defender's clean subset: accuracy {run.subset_before:.2f} before, {after:.2f} after")
+    if after < run.subset_before - config.COLLAPSE_POINTS:
+        metrics['warning'] = (f"the defense cut accuracy on the defender's clean subset from {run.subset_before:.2f} "
+                              f'to {after:.2f}: the model is damaged')
+        print(f"warning: {metrics['warning']}", flush=True)
+    return metrics
 
 
 def defense_meta(meta, args, defense):

@@ -13,13 +13,26 @@ CLASSES = ('amber', 'blue', 'green', 'red')
 PALETTE = np.array([[200, 160, 40], [40, 60, 200], [40, 180, 60], [200, 40, 40]])
 
 
-def make_images(n_per_class, seed, size=32):
-    """Colour-coded classes with pixel noise: learnable in a few epochs by a tiny model."""
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: trains models in subprocesses (skip with -m "not slow")')
+
+
+def make_images(n_per_class, seed, size=32, decoys=0.3):
+    """Colour-coded classes with pixel noise: learnable in a few epochs by a tiny model.
+
+    A `decoys` share of every class carries a white 5x5 square in the bottom-left corner, the mirror
+    image of the planted trigger (squareTrigger 5x5, bottom right). Without decoys the classes are
+    so easy that clean fine-tuning stops at zero loss and whether it forgets the backdoor is a coin
+    flip that changes with the thread count; with them, the flips of the defenses' augmentation put
+    white squares on the trigger's pixels under the images' true labels, which erases the backdoor
+    with a wide margin, as fine-tuning does on CIFAR-10."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for c in range(len(CLASSES)):
         noise = rng.integers(-25, 26, size=(n_per_class, size, size, 3))
-        xs.append(np.clip(PALETTE[c] + noise, 0, 255).astype(np.uint8))
+        x = np.clip(PALETTE[c] + noise, 0, 255).astype(np.uint8)
+        x[:int(n_per_class * decoys), size - 6:size - 1, 1:6] = 255
+        xs.append(x)
         ys += [c] * n_per_class
     return np.concatenate(xs), np.array(ys)
 

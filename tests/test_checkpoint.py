@@ -4,8 +4,9 @@ import pickle
 import pytest
 import torch
 
+import files
 import utils
-from config import UserError, parse_args
+from cli import UserError, parse_args
 from models import select_model
 
 
@@ -114,12 +115,12 @@ def test_nan_weights_are_refused(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / 'keep.bin')
-    utils.atomic_write_bytes(b'old', path)
+    files.atomic_write_bytes(b'old', path)
 
     def broken_fsync(fd):
         raise OSError('disk full')
     monkeypatch.setattr(os, 'fsync', broken_fsync)
     with pytest.raises(OSError):
-        utils.atomic_write_bytes(b'new and partial', path)
+        files.atomic_write_bytes(b'new and partial', path)
     assert open(path, 'rb').read() == b'old'
     assert os.listdir(tmp_path) == ['keep.bin']

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import get_arguments
+from cli import get_arguments
 from conftest import run_script, write_folder
 
 
@@ -121,6 +121,9 @@ def matrix():
         if script == 'main_mcl.py':
             inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
             inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')
+            inputs['no-inversion-passes'] = (lambda d, img: ['--inv_epochs', 0, *folder(img)], '--inv_epochs must be >= 1')
+            inputs['no-detection-passes'] = (lambda d, img: ['--detect_epochs', 0, *folder(img)],
+                                             '--detect_epochs must be >= 1')
         for name, (make, message) in inputs.items():
             if reads_options(script, make(Path('d'), 'img')):
                 cases.append((f'{script}-{name}', script, lambda d, bd, img, make=make: make(d, img), message))
@@ -131,6 +134,7 @@ CASES = matrix()
 
 
 @pytest.mark.parametrize('script,make_args,message', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_bad_input_fails_cleanly(script, make_args, message, bad_files, backdoored, image_folder, tmp_path):
     cwd = tmp_path / 'cwd'
     cwd.mkdir()

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from config import UserError
+from cli import UserError
 from data_loader import (Normalizer, augment, clean_subset, load_dataset, make_test_sets, poison_train_set,
                          train_batches)
 from triggers import make_trigger

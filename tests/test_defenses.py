@@ -1,12 +1,13 @@
 """Defenses end to end on the planted backdoor of the synthetic fixture, and trigger inversion."""
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 
 from conftest import make_images, run_script, summary
 from data_loader import Normalizer, poison_train_set
-from mcl import detect_target, frozen_features, invert_trigger
+from mcl import detect_target, frozen_features, invert_triggers
 from triggers import make_trigger
 
 
@@ -27,6 +28,7 @@ def test_evaluate_reproduces_the_training_summary(backdoored, image_folder):
     assert summary(r.stdout) == backdoored['metrics']
 
 
+@pytest.mark.slow
 def test_argd_without_teacher_fine_tunes_one_and_erases(backdoored, image_folder, tmp_path):
     r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path))
     assert r.returncode == 0, r.stderr
@@ -42,6 +44,7 @@ def test_argd_without_teacher_fine_tunes_one_and_erases(backdoored, image_folder
     assert lines[0].startswith('epoch,lr,loss,ACC') and len(lines) == 12  # header, epoch 0, 10 epochs
 
 
+@pytest.mark.slow
 def test_nad_erases(backdoored, image_folder, tmp_path):
     r = run_script('main-ARGD.py', '--defense', 'nad', '--epochs', 5, '--lr', 0.01, *common(backdoored, image_folder, tmp_path))
     assert r.returncode == 0, r.stderr
@@ -49,6 +52,7 @@ def test_nad_erases(backdoored, image_folder, tmp_path):
     assert m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
 
 
+@pytest.mark.slow
 def test_mcl_detects_the_target_and_erases(backdoored, image_folder, tmp_path):
     r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 8, '--detect_epochs', 8,
                    '--inv_epochs', 20, '--inv_patience', 6)
@@ -59,6 +63,7 @@ def test_mcl_detects_the_target_and_erases(backdoored, image_folder, tmp_path):
     assert (tmp_path / 'logs' / 'mcl_bd_trigger.png').exists()
 
 
+@pytest.mark.slow
 def test_mcl_detection_only_reuses_the_detection_pattern(backdoored, image_folder, tmp_path):
     r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--epochs', 0, '--detect_epochs', 8,
                    '--inv_epochs', 20, '--inv_patience', 6)
@@ -98,17 +103,19 @@ def test_inversion_finds_the_patch_and_detection_flags_the_target():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    norms, patterns = [], []
-    for c in range(4):
-        pattern, info = invert_trigger(model, x, c, norm, passes=80, batch_size=64)
-        norms.append(info['l1'])
-        patterns.append((pattern, info))
+    patterns = invert_triggers(model, x, [0, 1, 2, 3], norm, passes=80, batch_size=64)
+    norms = [info['l1'] if info['found'] else info['last_l1'] for _, info in patterns]
     label, index, _ = detect_target(norms)
     assert label == 0, norms
     pattern, info = patterns[0]
     assert info['found'] and info['pixels'] <= 60
     in_patch = pattern[:, 26:31, 26:31].abs().sum() / pattern.abs().sum()
     assert in_patch > 0.5, float(in_patch)
+    # inverting all classes together gives each class the pattern it gets alone
+    for c in (0, 2):
+        (alone, info_alone), = invert_triggers(model, x, [c], norm, passes=80, batch_size=64)
+        assert info_alone['found'] == patterns[c][1]['found'] and info_alone['passes'] == patterns[c][1]['passes']
+        assert torch.allclose(alone, patterns[c][0], atol=1e-4), (c, float((alone - patterns[c][0]).abs().max()))
 
 
 def test_frozen_features_are_the_models_features_of_clean_and_triggered_images():
@@ -131,6 +138,7 @@ def test_frozen_features_are_the_models_features_of_clean_and_triggered_images()
     assert not torch.allclose(clean, triggered)
 
 
+@pytest.mark.slow
 def test_mcl_is_blind_evaluation_uses_the_true_attack(backdoored, image_folder, tmp_path):
     """A published-style checkpoint (no meta): the attack flags say what evaluation scores against,
     MCL still detects the target itself, and the detection line names the true target."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, run_script
@@ -22,6 +23,7 @@ def rows(path, drop=('seconds',)):
         return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(image_folder, tmp_path):
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
@@ -32,16 +34,15 @@ def test_kill_and_resume_is_bit_identical(image_folder, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, 'train_badnet.py'), *map(str, badnet_args(image_folder, b))]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not os.path.exists(b + '.resume') and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.4)  # into the second epoch
+    while not os.path.exists(b + '.resume') and time.time() < deadline:  # epoch 1 done: now in epoch 2
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert os.path.exists(b + '.resume') and not os.path.exists(b), 'the run was not killed mid-way'
 
     r = run_script('train_badnet.py', *badnet_args(image_folder, b), '--resume')
     assert r.returncode == 0, r.stderr
-    assert 'resuming badnet from epoch' in r.stdout
+    assert 'resuming badnet after epoch' in r.stdout
     sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     log = os.path.join(os.path.dirname(b), 'train_badnet_m.csv')
@@ -50,6 +51,7 @@ def test_kill_and_resume_is_bit_identical(image_folder, tmp_path):
     assert not os.path.exists(b + '.resume')
 
 
+@pytest.mark.slow
 def test_seeds_decide_the_run(image_folder, tmp_path):
     logs = []
     for name, seed in (('s1', 1), ('s1b', 1), ('s2', 2)):
@@ -65,5 +67,25 @@ def test_nan_loss_stops_with_a_clear_message(image_folder, tmp_path):
     out = str(tmp_path / 'nan.tar')
     r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=2), '--lr', '1e30')
     assert r.returncode == 2
-    assert 'loss became NaN/inf at epoch 1 step' in r.stderr and 'Traceback' not in r.stderr
+    assert 'loss became NaN/inf in epoch 1' in r.stderr and 'Traceback' not in r.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_trigger_is_refused_and_writes_nothing(image_folder, tmp_path):
+    out = str(tmp_path / 'm.tar')
+    cmd = [sys.executable, os.path.join(ROOT, 'train_badnet.py'), *map(str, badnet_args(image_folder, out, epochs=30))]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(out + '.resume') and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path)}
+    r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=30), '--resume',
+                   '--trigger_type', 'blendedTrigger')
+    assert r.returncode == 2, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and '--trigger_type gridTrigger, this run has blendedTrigger' in lines[0], r.stderr
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path)} == before
     assert not os.path.exists(out)

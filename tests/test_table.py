@@ -1,5 +1,6 @@
 """run_table.py: every cell once, whatever the workers; resumable; plot_curves.py draws the logs."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -10,15 +11,13 @@ import time
 import pytest
 
 from conftest import ROOT, run_script
-
-DEFENSES = ('none', 'ft', 'nad', 'argd', 'mcl')
+from defenses import ATTACKS, DEFENSES
 
 
 def table_flags(backdoored, image_folder, tmp_path, seeds='0'):
-    """A table whose backdoored models are the fixture's (reused, not retrained)."""
-    for seed in seeds.split(','):
-        (tmp_path / 'w' / 'table' / f's{seed}').mkdir(parents=True, exist_ok=True)
-        shutil.copy(backdoored['path'], tmp_path / 'w' / 'table' / f's{seed}' / 'badnet.tar')
+    """A table whose backdoored model is the fixture's, placed as the zoo's (reused, not retrained)."""
+    (tmp_path / 'w' / 'zoo').mkdir(parents=True, exist_ok=True)
+    shutil.copy(backdoored['path'], tmp_path / 'w' / 'zoo' / 'badnet.tar')
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'badnet', '--ratio', 0.5,
             '--seeds', seeds, '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results']
 
@@ -32,6 +31,7 @@ def cells_of(rows):
     return [(r['attack'], r['defense'], r['seed']) for r in rows]
 
 
+@pytest.mark.slow
 def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_path):
     flags = table_flags(backdoored, image_folder, tmp_path)
     r = run_script('run_table.py', *flags)
@@ -42,6 +42,7 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_pa
     assert all(float(row['ASR']) < float(rows[0]['ASR']) for row in rows[1:]), rows  # every defense lowers it
     table = (tmp_path / 'results' / 'table.md').read_text()
     assert '| badnet |' in table and '—' not in table and '(n=1,' in table
+    assert not list((tmp_path / 'w').glob('table/*/badnet.tar'))  # the zoo's model, not a new one
 
     again = run_script('run_table.py', *flags)
     assert again.returncode == 0 and again.stdout.strip() == '', again.stdout
@@ -54,6 +55,7 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_pa
     assert 'FT, NAD, ARGD, MCL' in p.stdout
 
 
+@pytest.mark.slow
 def test_two_workers_at_once_run_every_cell_exactly_once(backdoored, image_folder, tmp_path):
     flags = [str(f) for f in table_flags(backdoored, image_folder, tmp_path, seeds='0,1')]
     workers = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'run_table.py'), *flags], cwd=ROOT,
@@ -66,23 +68,24 @@ def test_two_workers_at_once_run_every_cell_exactly_once(backdoored, image_folde
     assert all(out for out, _ in outputs), 'both workers took cells'
     rows = read_rows(tmp_path)
     assert cells_of(rows) == expected  # one row per cell, none lost by the concurrent writers
-    assert (tmp_path / 'w' / 'table' / 's1' / 'badnet-ft.tar').exists()  # one teacher per seed
+    assert len(list((tmp_path / 'w').glob('table/*/s1/badnet-ft.tar'))) == 1  # one teacher per seed
     table = (tmp_path / 'results' / 'table.md').read_text()
     assert '± ' in table and '(n=2,' in table
 
 
+@pytest.mark.slow
 def test_a_killed_worker_cell_is_redone_by_the_next_run(backdoored, image_folder, tmp_path):
     flags = [str(f) for f in table_flags(backdoored, image_folder, tmp_path)]
     worker = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run_table.py'), *flags], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cells = tmp_path / 'results' / 'cells'
     deadline = time.time() + 300
-    while not (cells / 'badnet-none-s0.json').exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)  # now inside the FT cell
+    logs = tmp_path / 'results' / 'logs'
+    while not list(logs.glob('*/s0/teacher_badnet.csv')) and time.time() < deadline:  # inside the FT cell
+        time.sleep(0.05)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and the script it runs
     worker.wait()
-    assert not (cells / 'badnet-mcl-s0.json').exists()
+    assert list(cells.glob('badnet-none-s0-*.json')) and not list(cells.glob('badnet-ft-s0-*.json'))
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
     assert cells_of(read_rows(tmp_path)) == [('badnet', d, '0') for d in DEFENSES]
@@ -90,7 +93,7 @@ def test_a_killed_worker_cell_is_redone_by_the_next_run(backdoored, image_folder
 
 def test_shards_partition_the_cells(tmp_path):
     from run_table import all_cells
-    cells = all_cells(['badnet', 'blend'], [0, 1, 2])
+    cells = all_cells(['badnet', 'blended'], [0, 1, 2])
     shards = [cells[k::4] for k in range(4)]
     assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 30
     r = run_script('run_table.py', '--shard', '4/4', '--table_dir', tmp_path / 'results', cwd=tmp_path)
@@ -100,7 +103,7 @@ def test_shards_partition_the_cells(tmp_path):
 def test_table_rejects_an_unknown_attack(tmp_path):
     r = run_script('run_table.py', '--attacks', 'badnet,ghost', '--table_dir', tmp_path / 'results', cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown attack 'ghost' (choose from badnet, blend, sig, wanet, sig-cl, trojan)"
+    assert r.stderr.strip() == f"error: unknown attack 'ghost' (choose from {', '.join(ATTACKS)})"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -109,15 +112,35 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     assert r.returncode == 2 and r.stderr.startswith('error: the trojan row needs --trojan_pattern')
     assert len(r.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
-    import run_table
-    from config import parse_args
+    import defenses
+    from cli import parse_args
     calls = []
-    monkeypatch.setattr(run_table, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
-                        ({k: 1.0 for k in run_table.METRICS}, 1.0))
-    args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz'])
-    run_table.cell_commands(args, 'trojan', 3, str(tmp_path), str(tmp_path / 'logs'))['none']()
+    monkeypatch.setattr(defenses, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
+                        ({'ACC': 1.0}, 1.0))
+    args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--model_seed', 3,
+                                       '--checkpoint_root', tmp_path])
+    defenses.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
     (train, flags), (score, score_flags) = calls
     assert train == 'train_badnet.py' and score == 'evaluate.py'
     assert flags[flags.index('--trigger_type') + 1] == 'trojanTrigger'
     assert flags[flags.index('--trigger_path') + 1] == 'x.npz' and flags[flags.index('--seed') + 1] == '3'
     assert '--trigger_path' not in score_flags  # the pattern travels in the checkpoint's meta
+    assert score_flags[score_flags.index('--seed') + 1] == '4'  # the defense seed
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_ratio_makes_new_cells_and_leaves_the_old_ones(backdoored, image_folder, tmp_path):
+    flags = [*table_flags(backdoored, image_folder, tmp_path), '--defenses', 'none,ft']
+    r = run_script('run_table.py', *flags)
+    assert r.returncode == 0, r.stderr
+    cells = tmp_path / 'results' / 'cells'
+    first = {p.name: p.read_bytes() for p in cells.glob('*.json')}
+    flags[flags.index('--ratio') + 1] = 0.25
+    r = run_script('run_table.py', *flags)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout  # both cells run again
+    after = {p.name: p.read_bytes() for p in cells.glob('*.json')}
+    assert len(first) == 2 and len(after) == 4 and all(after[name] == data for name, data in first.items())
+    ratios = sorted({json.loads(data)['settings']['ratio'] for data in after.values()})
+    assert ratios == [0.25, 0.5]
+    table = (tmp_path / 'results' / 'table.md').read_text()
+    assert table.count('| badnet |') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table

@@ -1,0 +1,305 @@
+"""Command lines: each script's options (their defaults come from config.py), validation before any
+work starts, and the one-line error every bad input ends in."""
+import argparse
+import sys
+
+import config
+from models import MODELS
+from triggers import TRIGGERS
+
+TARGET_TYPES = ('all2one', 'all2all', 'cleanLabel')
+DISTILLATIONS = ('argd', 'nad')  # main-ARGD.py --defense
+
+
+class UserError(Exception):
+    """Bad input. Scripts print it as one line on stderr and exit with status 2."""
+
+
+# ============================================================================ the options, by group
+def _run(a):
+    a('--dataset', help=f'data set: {", ".join(config.DATASETS)}')
+    a('--data_root', help='the data set (downloaded here when absent), or an image-folder tree '
+      '<root>/train/<class>/*, <root>/test/<class>/* (used offline, even for CIFAR10)')
+    a('--seed', type=int, help='fixes data subsets, poisoned indices, augmentation and initialisation')
+    a('--device', help="'cuda', 'cpu', ... (default: cuda when available, else cpu)")
+    a('--threads', type=int, help='CPU threads for torch (default: torch chooses)')
+    a('--precision', choices=('auto', 'fp32', 'bf16'), help='auto = bf16 autocast where the device computes bf16 '
+      'natively (CUDA; CPUs with AMX or AVX512-BF16), else fp32')
+    a('--eval_batch_size', type=int, help='evaluation batch size (default: 256 on CPU, 1000 on CUDA)')
+    a('--json', action='store_true', help='print the final summary as one JSON object')
+
+
+def _model(a):
+    a('--arch', help=f'architecture, where no checkpoint meta says it: {", ".join(MODELS)}')
+    a('--num_class', type=int, help='number of classes (default: meta, else the data set\'s)')
+    a('--image_size', type=int, help='image side in pixels; image folders are resized to it (default: meta, else 32)')
+    a('--normalize', help="input normalisation the model expects: 'cifar' (CIFAR mean/std), 'none' (raw [0,1]), "
+      "or 'm1,m2,m3,s1,s2,s3' (default: meta, else the recipe's, else the data set's)")
+
+
+def _attack(a):
+    a('--target_label', type=int, help='attack target class, where no meta says it')
+    a('--trigger_type', help=f'trigger, where no meta says it: {", ".join(TRIGGERS)}')
+    a('--target_type', help=f'label rule, where no meta says it: {", ".join(TARGET_TYPES)}')
+    a('--inject_portion', type=float, help='poisoned fraction of the training set in [0, 1] (cleanLabel: of the '
+      'target-class images; 0: a clean control model)')
+    a('--trig_w', type=int, help='squareTrigger rows')
+    a('--trig_h', type=int, help='squareTrigger columns')
+    a('--trigger_path', help="trojanTrigger's additive pattern (required: the references' "
+      'trigger/best_square_trigger_cifar10.npz); blendedTrigger\'s image (default: a fixed noise image)')
+
+
+def _schedule(a):
+    a('--epochs', type=int, help='training epochs')
+    a('--lr', type=float, help='initial learning rate (the schedule is per script, see README)')
+
+
+def _train(a):
+    a('--batch_size', type=int, help='training batch size')
+    a('--momentum', type=float, help='SGD momentum')
+    a('--weight_decay', type=float, help='SGD weight decay')
+    a('--eval_every', type=int, help='evaluate on the test sets every k epochs (always after the last)')
+    a('--eval_subset', type=int, help='per-epoch rows score a fixed random N images of each test set (0 = all); '
+      'the final model is always scored on all of them')
+    a('--compile', action='store_true', help='torch.compile the model')
+    a('--log_root', help='per-run CSV logs are written under this folder')
+    a('--checkpoint_root', help='models are read and written under this folder')
+    a('--output', help='where the final model is written (default: per script)')
+    a('--resume', action='store_true', help='continue an interrupted run from its <output>.resume file')
+
+
+def _badnet(a):
+    a('--recipe', choices=tuple(config.BADNET_RECIPES), help='reference training recipe (config.BADNET_RECIPES)')
+    a('--no_augment', action='store_true', help='no random crop/flip even if the recipe has them')
+
+
+def _defense(a):
+    a('--s_model', help='model under defense (default: <checkpoint_root>/s_net/<arch>.tar)')
+    a('--ratio', type=float, help='fraction of the training set the defense may use (clean), in (0, 1]')
+
+
+def _teacher(a):
+    a('--t_model', help='teacher model (default: <checkpoint_root>/t_net/<s_name>.tar; fine-tuned from --s_model '
+      'first if the file does not exist)')
+    a('--teacher_epochs', type=int, help='epochs of teacher fine-tuning')
+    a('--teacher_lr', type=float, help="initial lr of teacher fine-tuning (/10 from epoch 2)")
+    a('--cutout', type=int, help="Cutout length of the distillation defenses' augmentation (0 = crop + flip only)")
+
+
+def _distill(a):
+    a('--defense', help=f'{", ".join(DISTILLATIONS)} (the FT baseline is train_teacher.py)')
+    a('--p', type=float, help='AT: power of |activation| in the attention map')
+    a('--beta1', type=float, help='NAD: AT weight on group 1')
+    a('--beta2', type=float, help='NAD: AT weight on group 2')
+    a('--beta3', type=float, help='NAD: AT weight on group 3')
+    a('--vert_weights', help='ARGD: vertex (AT) weights of groups 1,2,3')
+    a('--w_vert', type=float, help='ARGD: weight of the vertex loss')
+    a('--w_edge', type=float, help='ARGD: weight of the edge (relation graph) loss')
+    a('--w_emb', type=float, help='ARGD: weight of the embedding (cross-layer attention) loss')
+    a('--qk_dim', type=int, help='ARGD: query/key dimension of the embedding loss')
+    a('--train_projections', action='store_true', help="ARGD: optimise the embedding loss's query/key projections "
+      'with the student (the reference leaves them at their random initialisation)')
+
+
+def _mcl(a):
+    a('--mcl_target', help="MCL: the target label MCL is told, or 'auto' to detect it (evaluation always scores "
+      "against the true attack: the checkpoint's meta or --target_label)")
+    a('--temperature', type=float, help='MCL: temperature of the contrastive logits')
+    a('--inv_epochs', type=int, help='MCL: passes over the clean subset (--batch_size batches) of trigger inversion')
+    a('--inv_patience', type=int, help='MCL: stop inversion after this many passes without a smaller pattern '
+      '(0 = never, as the reference)')
+    a('--detect_epochs', type=int, help='MCL: inversion passes per class when detecting the target')
+    a('--asr_bound', type=float, help='MCL: attack success a pattern must reach to count')
+    a('--init_cost', type=float, help='MCL: initial weight of the pattern-size penalty')
+    a('--force', action='store_true', help='MCL: erase even when no target label is detected')
+
+
+def _evaluate(a):
+    a('--model', help='the checkpoint to evaluate')
+
+
+def _retune(a):
+    a('--model', help='the checkpoint to re-tune')
+    a('--ratio', type=float, help="the defender's clean fraction: the retuning images are drawn apart from it")
+    a('--retune_ratio', type=float, help='fraction of the training set the retuning attack uses, in (0, 1]')
+    a('--poisoned', type=int, help="how many of its images carry the model's trigger")
+
+
+def _benchmark(a):
+    a('--batch_size', type=int, help='training batch size of the timed steps')
+    a('--compile', action='store_true', help='also time the train step under torch.compile')
+    a('--checkpoint_root', help='--end_to_end: where the shipped models are')
+    a('--end_to_end', action='store_true', help='also time FT, NAD, ARGD and MCL end to end on --data_root with the '
+      'shipped model (minutes on a CPU)')
+
+
+def _table_dir(a):
+    a('--table_dir', help='where table.csv, table.md, the cell files and the logs go')
+
+
+def _table_run(a):
+    a('--attacks', help='rows of the table (see the README; trojan needs --trojan_pattern)')
+    a('--defenses', help='columns of the table')
+    a('--seeds', help='comma-separated defense seeds (clean subset, teacher, initialisation)')
+    a('--model_seed', type=int, help="the backdoored models' seed; 0 uses <checkpoint_root>/zoo/<attack>.tar where "
+      'it exists, else a model is trained once')
+    a('--shard', help='K/N: run only the K-th (from 0) of N fixed slices of the cells (job arrays)')
+    a('--workers', type=int, help='worker processes on this machine (one GPU each when there are several)')
+    a('--epochs', type=int, help="backdoor training epochs (default: train_badnet.py's)")
+    a('--checkpoint_root', help='the zoo is <checkpoint_root>/zoo/; models made here go to <checkpoint_root>/table/')
+    a('--ratio', type=float, help='clean fraction given to the defenses')
+    a('--trojan_pattern', help="the trojan row's additive pattern: the references' "
+      'trigger/best_square_trigger_cifar10.npz (not shipped here)')
+
+
+def _plot(a):
+    a('--attacks', help='comma-separated attacks: one picture each')
+    a('--seed', type=int, help="which seed's logs to draw")
+
+
+def _gallery(a):
+    a('--image_size', type=int, help='image side in pixels (default 32)')
+    a('--trigger_path', help='pattern file for trojanTrigger / blendedTrigger')
+    a('--output', help='the PNG to write')
+
+
+# The option groups each script reads, and the config.py groups their defaults come from.
+C = config
+SCRIPTS = {
+    'train_badnet.py': ((_run, _model, _attack, _schedule, _train, _badnet),
+                        (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.TRAIN_BADNET)),
+    'train_teacher.py': ((_run, _model, _attack, _train, _defense, _teacher),
+                         (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.TRAIN_TEACHER)),
+    'main-ARGD.py': ((_run, _model, _attack, _schedule, _train, _defense, _teacher, _distill),
+                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD)),
+    'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl),
+                    (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_MCL)),
+    'evaluate.py': ((_run, _model, _attack, _evaluate), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE)),
+    'retune.py': ((_run, _model, _attack, _schedule, _train, _retune),
+                  (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.RETUNE)),
+    'benchmark.py': ((_run, _benchmark, _defense), (C.COMMON, C.TRAINING, C.DEFENSE, C.BENCHMARK)),
+    'run_table.py': ((_run, _table_dir, _table_run), (C.COMMON, C.TRAINING, C.DEFENSE, C.TABLE, C.RUN_TABLE)),
+    'show_triggers.py': ((_run, _gallery), (C.COMMON, C.MODEL, C.ATTACK, C.SHOW_TRIGGERS)),
+    'plot_curves.py': ((_table_dir, _plot), (C.TABLE, C.PLOT_CURVES)),
+}
+
+
+# ============================================================================ parsing
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless its help already says what the default is."""
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if 'default' not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += ' (default: %(default)s)'
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UserError(message)
+
+
+def script_defaults(script):
+    """The script's defaults: its config.py groups merged (no option may be in two of them)."""
+    merged = {}
+    for group in SCRIPTS[script][1]:
+        twice = set(merged) & set(group)
+        if twice:
+            raise AssertionError(f'{script}: {sorted(twice)} set in two config.py groups')
+        merged.update(group)
+    return merged
+
+
+def get_arguments(script, description=None):
+    defaults = script_defaults(script)
+    p = _Parser(prog=script, description=description, formatter_class=_Help, allow_abbrev=False)
+
+    def add(flag, **kw):  # every option's default is config.py's, read when the parser is built
+        p.add_argument(flag, default=defaults[flag[2:]], **kw)
+    for group in SCRIPTS[script][0]:
+        group(add)
+    return p
+
+
+def parse_args(script, argv=None, description=None):
+    """Parse and validate; args.given is the set of options given on the command line (a flag beats
+    a checkpoint's meta, which beats config.py)."""
+    parser = get_arguments(script, description)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    actions = parser._option_string_actions
+    args.given = {actions[t.split('=')[0]].dest for t in argv if t.startswith('--') and t.split('=')[0] in actions}
+    check_args(args)
+    return args
+
+
+def resolve(args, name, meta_value):
+    """A flag given on the command line, else what the checkpoint's meta says, else config.py's value."""
+    if name in getattr(args, 'given', ()) or meta_value is None:
+        return getattr(args, name)
+    return meta_value
+
+
+def check_args(args):
+    """Reject what can be rejected before any data or model is touched (only the options this script has)."""
+    has = lambda name: getattr(args, name, None) is not None
+    choices = (('dataset', config.DATASETS, 'dataset'), ('arch', MODELS, 'model'), ('trigger_type', TRIGGERS, 'trigger'),
+               ('target_type', TARGET_TYPES, 'target type'), ('defense', DISTILLATIONS, 'defense'))
+    for name, allowed, what in choices:
+        if has(name) and getattr(args, name) not in allowed:
+            raise UserError(f"unknown {what} '{getattr(args, name)}' (choose from {', '.join(allowed)})")
+    if has('retune_ratio') and not 0 < args.retune_ratio <= 1:
+        raise UserError(f'--retune_ratio must be in (0, 1], got {args.retune_ratio}')
+    if has('poisoned') and args.poisoned < 0:
+        raise UserError(f'--poisoned must be >= 0, got {args.poisoned}')
+    if has('ratio') and not 0 < args.ratio <= 1:
+        raise UserError(f'--ratio must be in (0, 1], got {args.ratio}')
+    if has('inject_portion') and not 0 <= args.inject_portion <= 1:
+        raise UserError(f'--inject_portion must be in [0, 1], got {args.inject_portion}')
+    if has('num_class') and args.num_class < 2:
+        raise UserError(f'--num_class must be at least 2, got {args.num_class}')
+    if has('target_label') and args.target_label < 0:
+        raise UserError(f'--target_label must be >= 0, got {args.target_label}')
+    for name in ('epochs', 'teacher_epochs', 'eval_subset', 'inv_patience', 'cutout'):
+        if has(name) and getattr(args, name) < 0:
+            raise UserError(f'--{name} must be >= 0')
+    # a trigger inversion needs at least one pass (--epochs 0 is MCL's detection-only run)
+    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs'):
+        if has(name) and getattr(args, name) < 1:
+            raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if has('mcl_target') and args.mcl_target != 'auto' and not args.mcl_target.isdigit():
+        raise UserError(f"--mcl_target must be 'auto' or a class index >= 0, got '{args.mcl_target}'")
+    if has('vert_weights'):
+        try:
+            args.vert_weights = [float(v) for v in str(args.vert_weights).split(',')]
+            assert len(args.vert_weights) == 3
+        except (ValueError, AssertionError):
+            raise UserError(f"--vert_weights needs three comma-separated numbers, got '{args.vert_weights}'")
+    if has('normalize'):
+        parse_normalize(args.normalize)
+
+
+def parse_normalize(spec):
+    """'cifar' | 'none' | 'm1,m2,m3,s1,s2,s3' -> [m1, m2, m3, s1, s2, s3]."""
+    if spec in config.NORMALIZATIONS:
+        mean, std = config.NORMALIZATIONS[spec]
+        return list(mean) + list(std)
+    try:
+        values = [float(v) for v in spec.split(',')]
+    except ValueError:
+        values = []
+    if len(values) != 6 or min(values[3:]) <= 0:
+        raise UserError(f"--normalize must be 'cifar', 'none' or six numbers 'm1,m2,m3,s1,s2,s3' with std > 0, got '{spec}'")
+    return values
+
+
+def main_guard(main):
+    """Run a script's main(); bad input ends as one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        sys.stderr.write(f'error: {e}\n')
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write('interrupted\n')
+        sys.exit(130)

@@ -1,0 +1,158 @@
+"""The registries of the results table: attacks (rows) and defenses (columns), and how one cell
+is run: the project's own scripts in subprocesses, exactly as a user runs them.
+
+Read by run_table.py, benchmark.py --end_to_end, plot_curves.py and the tests.
+"""
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+from cli import UserError
+from files import atomic_write_bytes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# row -> train_badnet.py flags (all2one, target 0); trojan adds --trigger_path <--trojan_pattern>
+ATTACKS = {
+    'badnet': ['--trigger_type', 'gridTrigger'],
+    'blended': ['--trigger_type', 'blendedTrigger'],          # whole image, alpha 0.2 (Chen et al.)
+    'blend': ['--trigger_type', 'blendTrigger'],              # MCL's 3x3 patch blended at 0.2
+    'sig': ['--trigger_type', 'signalTrigger'],               # poisoned labels, as the references run it
+    'sig-cl': ['--trigger_type', 'signalTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.8],
+    'wanet': ['--trigger_type', 'wanetTrigger'],              # per batch, with noise mode
+    'trojan': ['--trigger_type', 'trojanTrigger'],
+}
+# column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its
+# per-epoch log (None: no training) and its label in tables and pictures
+DEFENSES = {
+    'none': dict(script='evaluate.py', flags=[], log=None, label='none'),
+    'ft': dict(script='train_teacher.py', flags=[], log='teacher', label='FT'),
+    'nad': dict(script='main-ARGD.py', flags=['--defense', 'nad'], log='nad', label='NAD'),
+    'argd': dict(script='main-ARGD.py', flags=[], log='argd', label='ARGD'),
+    'mcl': dict(script='main_mcl.py', flags=['--mcl_target', 0], log='mcl', label='MCL'),  # told the target
+}
+
+
+def run(script, *flags):
+    """Run a project script, return (its JSON summary, wall seconds); a failure stops this worker."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, flags), '--json'], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise UserError(f'{script} {" ".join(map(str, flags))} failed: {r.stderr.strip().splitlines()[-1:]}')
+    return json.loads(r.stdout.strip().splitlines()[-1]), round(time.time() - t0, 1)
+
+
+@contextlib.contextmanager
+def locked(path, wait):
+    """An exclusive POSIX lock on path (kept by this process until the block ends, dropped by the OS
+    if it dies; POSIX locks also work across NFS clients). Yields False if another holds it and
+    wait is False."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a') as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def built_once(path, script, flags):
+    """Make the model `path` with `script` unless it exists, and keep the run's summary and wall time
+    in <path>.json. Whoever needs it first builds it; the others wait for its lock, then find it."""
+    with locked(path + '.lock', wait=True):
+        if not os.path.exists(path):
+            metrics, seconds = run(script, *flags, '--output', path)
+            atomic_write_bytes(json.dumps(dict(metrics, seconds=seconds)).encode(), path + '.json')
+
+
+def short_hash(settings):
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def zoo_model(args, attack):
+    """The zoo's model of this row (<checkpoint_root>/zoo/<attack>.tar, trained with seed 0), if any."""
+    path = os.path.join(args.checkpoint_root, 'zoo', f'{attack}.tar')
+    return path if args.model_seed == 0 and os.path.exists(path) else None
+
+
+def model_settings(args, attack):
+    """Everything that decides the backdoored model of a row: the zoo file's content, or how it is trained."""
+    zoo = zoo_model(args, attack)
+    if zoo:
+        with open(zoo, 'rb') as f:
+            return dict(attack=attack, zoo=hashlib.sha1(f.read()).hexdigest()[:12])
+    return dict(attack=attack, dataset=args.dataset, data_root=os.path.abspath(args.data_root), epochs=args.epochs,
+                model_seed=args.model_seed, trojan_pattern=args.trojan_pattern if attack == 'trojan' else None)
+
+
+def cell_settings(args, attack):
+    """Everything that decides a cell's result besides its defense and defense seed."""
+    return dict(model_settings(args, attack), dataset=args.dataset, data_root=os.path.abspath(args.data_root),
+                ratio=args.ratio)
+
+
+def common_flags(args, seed):
+    """The options every cell's script gets from the caller's own."""
+    flags = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', seed]
+    flags += ['--device', args.device] if args.device else []
+    flags += ['--threads', args.threads] if args.threads else []
+    return flags
+
+
+def cell_commands(args, attack, seed, work, log_root, given_model=None):
+    """-> {defense: function returning (metrics, seconds)} for the cells of one (attack, defense seed):
+    on given_model, else the zoo's model, else one trained here with --model_seed (built when first
+    needed, in <checkpoint_root>/table/<hash of its settings>/). Outputs go to `work`."""
+    common = common_flags(args, seed)
+    trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
+    path = given_model or zoo_model(args, attack) or os.path.join(
+        args.checkpoint_root, 'table', short_hash(model_settings(args, attack)), f'{attack}.tar')
+
+    def model():  # a given or zoo model is used as it is; the others are trained once
+        if given_model is None and path != zoo_model(args, attack):
+            built_once(path, 'train_badnet.py', [*common_flags(args, args.model_seed), '--log_root',
+                                                 os.path.dirname(path), *ATTACKS[attack], '--target_label', 0,
+                                                 *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
+                                                 *(['--epochs', args.epochs] if args.epochs is not None else [])])
+    s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
+    teacher = os.path.join(work, f'{attack}-ft.tar')
+
+    def model_and_teacher():
+        model()
+        built_once(teacher, 'train_teacher.py', s_model)
+
+    def ft_cell():  # the teacher's own training run; a teacher placed by hand is only scored
+        model_and_teacher()
+        if not os.path.exists(teacher + '.json'):
+            return run('evaluate.py', '--model', teacher, *common)
+        with open(teacher + '.json') as f:
+            rec = json.load(f)
+        return {k: v for k, v in rec.items() if k != 'seconds'}, rec['seconds']
+
+    def defended(name):
+        d = DEFENSES[name]
+        flags = [*s_model, *d['flags'], '--output', os.path.join(work, f'{attack}-{name}.tar')]
+        flags += ['--t_model', teacher] if d['script'] == 'main-ARGD.py' else []
+        build = model_and_teacher if d['script'] == 'main-ARGD.py' else model
+
+        def cell():
+            build()
+            return run(d['script'], *flags)
+        return cell
+
+    def undefended():
+        model()
+        return run('evaluate.py', '--model', path, *common)
+
+    special = {'none': undefended, 'ft': ft_cell}
+    return {name: special.get(name) or defended(name) for name in DEFENSES}
