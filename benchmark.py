@@ -20,11 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+import config
 from cli import main_guard, parse_args
 from data_loader import Normalizer, train_batches
-from models import select_model
 from defenses import cell_commands
 from mcl import size_penalty, stamp
+from models import select_model
 from utils import autocast, prepare_model, setup
 
 
@@ -114,7 +115,7 @@ def eval_rate(model, x, normalizer, device, batch_size, amp):
 def defense_wall_times(args):
     """Each defense as its own process, as a user runs it, on the shipped BadNets model (the same
     commands as run_table.py's cells): (name, seconds, summary) per defense."""
-    model = args.s_model or os.path.join(args.checkpoint_root, 's_net', 'WRN-16-1.tar')
+    model = args.s_model or os.path.join(args.checkpoint_root, 's_net', f"{config.MODEL['arch']}.tar")
     with tempfile.TemporaryDirectory() as tmp:
         for name, cell in cell_commands(args, 'badnet', args.seed, tmp, tmp, given_model=model).items():
             if name != 'none':  # FT first: it is the teacher of NAD and ARGD
@@ -144,7 +145,7 @@ def main():
         name = 'bf16' if amp else 'fp32'
         for compile_it in ((False, True) if args.compile else (False,)):
             torch.manual_seed(0)
-            model = prepare_model(select_model('WRN-16-1', 10), device)
+            model = prepare_model(select_model(config.MODEL['arch'], 10), device)
             rate = train_rate(torch.compile(model) if compile_it else model, xd, yd, normalizer, device,
                               args.batch_size, amp, steps)
             print(f"train step WRN-16-1 {name}{' compiled' if compile_it else ''}: {rate:12,.0f} images/s   "

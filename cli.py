@@ -148,6 +148,7 @@ def _table_run(a):
     a('--epochs', type=int, help="backdoor training epochs (default: train_badnet.py's)")
     a('--checkpoint_root', help='the zoo is <checkpoint_root>/zoo/; models made here go to <checkpoint_root>/table/')
     a('--ratio', type=float, help='clean fraction given to the defenses')
+    a('--skip_retune', action='store_true', help="don't run the retuning attack on each cell's model")
     a('--trojan_pattern', help="the trojan row's additive pattern: the references' "
       'trigger/best_square_trigger_cifar10.npz (not shipped here)')
 
@@ -155,6 +156,7 @@ def _table_run(a):
 def _plot(a):
     a('--attacks', help='comma-separated attacks: one picture each')
     a('--seed', type=int, help="which seed's logs to draw")
+    a('--robustness', action='store_true', help='draw <table_dir>/robustness.png from table.csv instead')
 
 
 def _gallery(a):

@@ -155,10 +155,12 @@ RUN_TABLE = dict(
     workers=1,                 # worker processes here (one GPU each when there are several)
     epochs=None,               # backdoor training epochs; None: train_badnet.py's
     trojan_pattern=None,       # the trojan row's pattern: the references' best_square_trigger_cifar10.npz
+    skip_retune=False,         # do not re-tune each cell's model (retune.py: ASR after re-tuning)
 )
 PLOT_CURVES = dict(
     attacks='badnet',          # one picture per attack
     seed=0,                    # which seed's logs to draw
+    robustness=False,          # draw robustness.png (ASR before and after re-tuning) from table.csv instead
 )
 SHOW_TRIGGERS = dict(output='results/triggers.png')  # the gallery's PNG
 

@@ -26,6 +26,7 @@ ATTACKS = {
     'sig-cl': ['--trigger_type', 'signalTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.8],
     'wanet': ['--trigger_type', 'wanetTrigger'],              # per batch, with noise mode
     'trojan': ['--trigger_type', 'trojanTrigger'],
+    'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 # column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its
 # per-epoch log (None: no training) and its label in tables and pictures
@@ -154,5 +155,16 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
         model()
         return run('evaluate.py', '--model', path, *common)
 
-    special = {'none': undefended, 'ft': ft_cell}
-    return {name: special.get(name) or defended(name) for name in DEFENSES}
+    def retuned(cell, model_path):
+        """The cell, then the retuning attack on the model it ended with (unless skipped)."""
+        def with_retune():
+            metrics, seconds = cell()
+            if getattr(args, 'skip_retune', True):
+                return metrics, seconds
+            r, more = run('retune.py', '--model', model_path, *common, '--ratio', args.ratio, '--log_root', log_root)
+            return dict(metrics, ASR_retuned=r['ASR'], ACC_retuned=r['ACC']), seconds + more
+        return with_retune
+
+    cells = {'none': (undefended, path), 'ft': (ft_cell, teacher)}
+    return {name: retuned(*(cells.get(name) or (defended(name), os.path.join(work, f'{attack}-{name}.tar'))))
+            for name in DEFENSES}

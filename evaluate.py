@@ -9,7 +9,7 @@ that carry only a state_dict).
 """
 from cli import UserError, main_guard, parse_args
 from data_loader import RunData
-from utils import evaluate, load_model, setup, summary_line
+from utils import conv_norm, evaluate, load_model, setup, summary_line
 
 
 def main():
@@ -19,11 +19,12 @@ def main():
     device = setup(args)
     model, meta = load_model(args.model, args, None, device)
     data = RunData(args, device, meta)
-    if not args.json:
-        a = data.attack
-        print(f"{args.model}: {meta['arch']}, {a['trigger_type']} {a['target_type']} target {a['target_label']}, "
-              f"{len(data.test['y_clean'])} clean / {len(data.test['y_bd'])} backdoor test images")
-    print(summary_line(evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp), args.json))
+    a = data.attack
+    print(f"{args.model}: {meta['arch']}, {a['trigger_type']} {a['target_type']} target {a['target_label']}, "
+          f"{len(data.test['y_clean'])} clean / {len(data.test['y_bd'])} backdoor test images, "
+          f"conv weight norm {conv_norm(model):.1f}")
+    metrics = evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp)
+    print(summary_line(dict(metrics, conv_norm=round(conv_norm(model), 2)), args.json))
 
 
 if __name__ == '__main__':

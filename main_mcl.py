@@ -47,8 +47,8 @@ def invert(args, run, targets, passes, report=None):
 def true_target(args, run):
     """How the evaluation's target is known, for the detection line."""
     label = run.data.attack['target_label']
-    if args.target_label is None and 'target_label' not in run.meta.get('attack', {}):
-        return f'true target unknown: no meta, no --target_label; scored against {label}'
+    if 'target_label' not in args.given and 'target_label' not in run.meta.get('attack', {}):
+        return f'true target unknown: no meta, no --target_label; scored against {label} (config.ATTACK)'
     return f'true target {label}'
 
 

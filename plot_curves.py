@@ -1,7 +1,9 @@
-"""ACC and ASR per epoch of every defense on one backdoored model, from run_table.py's logs.
+"""ACC and ASR per epoch of every defense on one backdoored model, from run_table.py's logs; and the
+robustness picture: ASR before and after the retuning attack, per attack and defense, from table.csv.
 
     python plot_curves.py                         # results/curves_badnet.png from results/logs/<settings>/s0
-    python plot_curves.py --attacks blend,wanet   # one picture per attack
+    python plot_curves.py --attacks blended,wanet # one picture per attack
+    python plot_curves.py --robustness            # results/robustness.png
 
 Needs matplotlib (optional: pip install matplotlib); nothing else in the project imports it.
 Epoch 0 is the backdoored model; rows before the last score a fixed --eval_subset of the
@@ -38,27 +40,17 @@ def read_curves(log_dir, attack):
     return curves
 
 
-def plot(curves, title):
-    """-> PNG bytes: ACC (left) and ASR (right) against epoch, one line per defense."""
+def pyplot():
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         raise UserError('plot_curves.py needs matplotlib (pip install matplotlib); nothing else does')
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, (epochs, acc, asr) in curves.items():
-        axes[0].plot(epochs, acc, marker='.', label=label)
-        axes[1].plot(epochs, asr, marker='.', label=label)
-    for ax, name in zip(axes, ('ACC (non-target) %', 'ASR %')):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel('epoch')
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[1].set_yscale('symlog', linthresh=10)  # the interesting part is 0-10%
-    axes[0].legend()
-    fig.suptitle(title)
+    return plt
+
+
+def png(fig, plt):
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=110)
@@ -66,8 +58,67 @@ def plot(curves, title):
     return buf.getvalue()
 
 
+def plot(curves, title):
+    """-> PNG bytes: ACC (left) and ASR (right) against epoch, one line per defense."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, (epochs, acc, asr) in curves.items():
+        axes[0].plot(epochs, acc, marker='.', label=label)
+        axes[1].plot(epochs, asr, marker='.', label=label)
+    for ax, name in zip(axes, ('ACC (non-target) %', 'ASR %')):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale('symlog', linthresh=10)  # the interesting part is 0-10%
+    axes[0].legend()
+    fig.suptitle(title)
+    return png(fig, plt)
+
+
+def read_robustness(table_csv):
+    """-> {attack: {label: (mean ASR, mean ASR after re-tuning)}} over the seeds, from table.csv."""
+    with open(table_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r.get('ASR_retuned')]
+    out = {}
+    for attack in dict.fromkeys(r['attack'] for r in rows):
+        for name, d in DEFENSES.items():
+            got = [r for r in rows if r['attack'] == attack and r['defense'] == name]
+            if got:
+                mean = lambda k: sum(float(r[k]) for r in got) / len(got)
+                out.setdefault(attack, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'))
+    return out
+
+
+def plot_robustness(data):
+    """-> PNG bytes: one panel per attack, a pair of bars (ASR, ASR after re-tuning) per defense."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(data), figsize=(3.2 * len(data), 3.4), sharey=True, squeeze=False)
+    for ax, (attack, cells) in zip(axes[0], data.items()):
+        xs = range(len(cells))
+        ax.bar([x - 0.2 for x in xs], [v[0] for v in cells.values()], 0.4, label='after the defense')
+        ax.bar([x + 0.2 for x in xs], [v[1] for v in cells.values()], 0.4, label='after re-tuning (5 poisoned)')
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(list(cells))
+        ax.set_title(attack)
+        ax.grid(alpha=0.3, axis='y')
+    axes[0][0].set_ylabel('ASR %')
+    axes[0][0].legend(fontsize=7)
+    return png(fig, plt)
+
+
 def main():
     args = parse_args('plot_curves.py', description=__doc__.split('\n\n')[0])
+    if args.robustness:
+        table = os.path.join(args.table_dir, 'table.csv')
+        data = read_robustness(table) if os.path.exists(table) else {}
+        if not data:
+            raise UserError(f'no re-tuned cells in {table} (run run_table.py without --skip_retune first)')
+        out = os.path.join(args.table_dir, 'robustness.png')
+        atomic_write_bytes(plot_robustness(data), out)
+        print(f"{out}: {', '.join(data)}")
+        return
     for attack in [a.strip() for a in args.attacks.split(',')]:
         log_dir = log_folder(args.table_dir, args.seed, attack)
         curves = read_curves(log_dir, attack) if log_dir else {}

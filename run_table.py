@@ -29,6 +29,7 @@ from defenses import ATTACKS, DEFENSES, cell_commands, cell_settings, locked, sh
 from files import atomic_write_bytes, write_csv
 
 COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
+RETUNED = ('ASR_retuned', 'ACC_retuned')  # the same model after the retuning attack (retune.py)
 
 
 def all_cells(attacks, seeds, defenses=tuple(DEFENSES)):
@@ -61,8 +62,9 @@ def mean_std(values):
 
 def write_markdown(rows, path):
     """One table per set of settings (a model, data set and ratio): cells of different settings never mix."""
-    lines = ['ACC (non-target) / ACC_target / ASR in %, mean ± std over the defense seeds (n), and the mean wall '
-             'time of a cell. Settings are printed above each table.']
+    lines = ['ACC (non-target) / ACC_target / ASR / ASR after the retuning attack (retune.py) in %, mean ± std over '
+             'the defense seeds (n), the mean wall time of a cell, and ⚠ where a defense warned that it cut accuracy on '
+             "the defender's clean subset by more than 10 points. Settings are printed above each table."]
     for key in sorted({r['settings_key'] for r in rows}):
         group = [r for r in rows if r['settings_key'] == key]
         common = {k: v for k, v in group[0]['settings'].items() if k != 'attack' and
@@ -74,7 +76,10 @@ def write_markdown(rows, path):
             cells = []
             for d in DEFENSES:
                 got = [r for r in group if r['attack'] == a and r['defense'] == d]
-                cells.append(' / '.join(mean_std([float(r[k]) for r in got]) for k in ('ACC', 'ACC_target', 'ASR')) +
+                shown = [mean_std([float(r[k]) for r in got if r.get(k) is not None]) if any(r.get(k) is not None for r in got)
+                         else '–' for k in ('ACC', 'ACC_target', 'ASR', 'ASR_retuned')] if got else []
+                warned = ' ⚠' * any(r.get('warning') for r in got)
+                cells.append(' / '.join(shown) + warned +
                              f" (n={len(got)}, {statistics.mean(float(r['seconds']) for r in got):.0f}s)" if got else '—')
             lines.append(f'| {a} | ' + ' | '.join(cells) + ' |')
     atomic_write_bytes(('\n'.join(lines) + '\n').encode(), path)
@@ -95,12 +100,13 @@ def work_through(args, cells):
             log_root = os.path.join(args.table_dir, 'logs', key, f's{seed}')
             metrics, seconds = cell_commands(args, attack, seed, work, log_root)[defense]()
             row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in COLUMNS},
-                       **{k: metrics.get(k) for k in ('per_class', 'subset_before', 'subset_after', 'warning')},
+                       **{k: metrics.get(k) for k in (*RETUNED, 'per_class', 'subset_before', 'subset_after', 'warning')},
                        seconds=seconds, settings_key=key, settings=settings)
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
         print(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
-              f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f}  {seconds:.0f}s" +
+              f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f}  "
+              f"{seconds:.0f}s" +
               (f"  warning: {metrics['warning']}" if metrics.get('warning') else ''), flush=True)
 
 

@@ -175,6 +175,12 @@ def save_checkpoint(path, model, meta, epoch, metrics):
                  'best_bad_acc': metrics.get('ASR'), 'metrics': metrics, 'meta': meta}, path)
 
 
+def conv_norm(model):
+    """The L2 norm of all conv weights together: under BatchNorm a step of lr acts like lr / |w|^2, so
+    this says how hard a defense's lr hits the model (published WRN-16-1 checkpoints: 46-72)."""
+    return float(torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters() if p.dim() == 4)))
+
+
 def unwrap(model):
     return getattr(model, '_orig_mod', model)
 

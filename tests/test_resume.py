@@ -89,3 +89,19 @@ def test_a_resume_with_another_trigger_is_refused_and_writes_nothing(image_folde
     assert len(lines) == 1 and '--trigger_type gridTrigger, this run has blendedTrigger' in lines[0], r.stderr
     assert {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path)} == before
     assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_path):
+    """The autocast code CUDA uses, run on the CPU whatever the CPU (--precision bf16 forces it)."""
+    out = str(tmp_path / 'bf16.tar')
+    r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=3), '--precision', 'bf16')
+    assert r.returncode == 0, r.stderr
+    assert 'precision bf16 autocast' in r.stdout.splitlines()[0]
+    ckpt = torch.load(out, weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt['state_dict'].values())
+    assert ckpt['metrics']['ACC'] >= 60, ckpt['metrics']  # it learned: 4 colour classes, chance is 25
+    r = run_script('main-ARGD.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model', out,
+                   '--ratio', 0.5, '--epochs', 1, '--teacher_epochs', 1, '--checkpoint_root', tmp_path / 'w',
+                   '--log_root', tmp_path, '--batch_size', 32, '--precision', 'bf16')
+    assert r.returncode == 0, r.stderr

@@ -14,12 +14,13 @@ from conftest import ROOT, run_script
 from defenses import ATTACKS, DEFENSES
 
 
-def table_flags(backdoored, image_folder, tmp_path, seeds='0'):
+def table_flags(backdoored, image_folder, tmp_path, seeds='0', retune=False):
     """A table whose backdoored model is the fixture's, placed as the zoo's (reused, not retrained)."""
     (tmp_path / 'w' / 'zoo').mkdir(parents=True, exist_ok=True)
     shutil.copy(backdoored['path'], tmp_path / 'w' / 'zoo' / 'badnet.tar')
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'badnet', '--ratio', 0.5,
-            '--seeds', seeds, '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results']
+            '--seeds', seeds, '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results',
+            *([] if retune else ['--skip_retune'])]
 
 
 def read_rows(tmp_path):
@@ -33,13 +34,14 @@ def cells_of(rows):
 
 @pytest.mark.slow
 def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_path):
-    flags = table_flags(backdoored, image_folder, tmp_path)
+    flags = table_flags(backdoored, image_folder, tmp_path, retune=True)
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
     rows = read_rows(tmp_path)
     assert cells_of(rows) == [('badnet', d, '0') for d in DEFENSES]
     assert float(rows[0]['ASR']) == backdoored['metrics']['ASR']
     assert all(float(row['ASR']) < float(rows[0]['ASR']) for row in rows[1:]), rows  # every defense lowers it
+    assert float(rows[0]['ASR_retuned']) >= 90 and all(row['ASR_retuned'] for row in rows)  # each model re-tuned
     table = (tmp_path / 'results' / 'table.md').read_text()
     assert '| badnet |' in table and '—' not in table and '(n=1,' in table
     assert not list((tmp_path / 'w').glob('table/*/badnet.tar'))  # the zoo's model, not a new one
@@ -53,6 +55,9 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_pa
     assert p.returncode == 0, p.stderr
     assert (tmp_path / 'results' / 'curves_badnet.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'FT, NAD, ARGD, MCL' in p.stdout
+    p = run_script('plot_curves.py', '--table_dir', tmp_path / 'results', '--robustness')
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / 'results' / 'robustness.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.mark.slow
@@ -116,12 +121,14 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     from cli import parse_args
     calls = []
     monkeypatch.setattr(defenses, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
-                        ({'ACC': 1.0}, 1.0))
+                        ({'ACC': 1.0, 'ASR': 2.0}, 1.0))
     args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--model_seed', 3,
                                        '--checkpoint_root', tmp_path])
     defenses.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
-    (train, flags), (score, score_flags) = calls
-    assert train == 'train_badnet.py' and score == 'evaluate.py'
+    (train, flags), (score, score_flags), (retune, retune_flags) = calls
+    assert train == 'train_badnet.py' and score == 'evaluate.py' and retune == 'retune.py'
+    model = flags[flags.index('--output') + 1]
+    assert score_flags[score_flags.index('--model') + 1] == retune_flags[retune_flags.index('--model') + 1] == model
     assert flags[flags.index('--trigger_type') + 1] == 'trojanTrigger'
     assert flags[flags.index('--trigger_path') + 1] == 'x.npz' and flags[flags.index('--seed') + 1] == '3'
     assert '--trigger_path' not in score_flags  # the pattern travels in the checkpoint's meta
