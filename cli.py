@@ -161,7 +161,7 @@ def _plot(a):
 
 def _gallery(a):
     a('--image_size', type=int, help='image side in pixels (default 32)')
-    a('--trigger_path', help='pattern file for trojanTrigger / blendedTrigger')
+    a('--trigger_path', help="trojanTrigger's additive pattern (default: a demo square)")
     a('--output', help='the PNG to write')
 
 

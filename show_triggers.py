@@ -8,9 +8,9 @@ import tempfile
 import numpy as np
 import torch
 
-from cli import main_guard, parse_args
+from cli import UserError, main_guard, parse_args
 from data_loader import load_dataset
-from triggers import TRIGGERS, apply_trigger, make_trigger
+from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger
 
 SCALE, GAP = 4, 6
 
@@ -30,7 +30,10 @@ def main():
             tmp = tempfile.TemporaryDirectory()
             path = os.path.join(tmp.name, 'trojan_demo.npy')
             np.save(path, pattern)
-        trig = make_trigger(kind, size, 3, 3, path if kind in ('trojanTrigger', 'blendedTrigger') else None, args.seed)
+        try:
+            trig = make_trigger(kind, size, 3, 3, path if kind == 'trojanTrigger' else None, args.seed)
+        except TriggerError as e:
+            raise UserError(str(e))
         tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))
         if kind == 'trojanTrigger' and not args.trigger_path:
             tmp.cleanup()
