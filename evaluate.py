@@ -19,12 +19,11 @@ def main():
     device = setup(args)
     model, meta = load_model(args.model, args, None, device)
     data = RunData(args, device, meta)
-    a = data.attack
+    a, norm = data.attack, round(conv_norm(model), 2)
     print(f"{args.model}: {meta['arch']}, {a['trigger_type']} {a['target_type']} target {a['target_label']}, "
-          f"{len(data.test['y_clean'])} clean / {len(data.test['y_bd'])} backdoor test images, "
-          f"conv weight norm {conv_norm(model):.1f}")
+          f"{len(data.test['y_clean'])} clean / {len(data.test['y_bd'])} backdoor test images, conv weight norm {norm}")
     metrics = evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp)
-    print(summary_line(dict(metrics, conv_norm=round(conv_norm(model), 2)), args.json))
+    print(summary_line(dict(metrics, conv_norm=norm), args.json))
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ import torch
 
 from cli import UserError, main_guard, parse_args
 from config import DEFENSE_SCHEDULES
-from files import check_writable
 from data_loader import Normalizer, train_batches
+from files import check_writable
 from mcl import add_pattern, contrastive_loss, detect_target, frozen_features, invert_triggers, trigger_picture
 from triggers import apply_trigger
 from utils import defender_check, defense_meta, defense_setup, evaluate, fit, step_lr, summary_line
@@ -89,7 +89,8 @@ def main():
         (pattern, info), = invert(args, run, [target], args.inv_epochs, report=lambda text: print(text, flush=True))
     if not info['found']:
         print(f'no pattern reached {100 * args.asr_bound:.0f}% success in {info["passes"]} passes: as the reference, '
-              'the inverted pattern is all zero, so erasing pulls clean features towards themselves')
+              'the inverted pattern is all zero: positive and negative features are equal, the contrastive loss has no '
+              'gradient, and erasing changes the model only through weight decay')
     print(f"inverted trigger for class {target}: {info['pixels']} pixels, L1 {info['l1']:.2f}, "
           f"success {100 * info['asr']:.1f}% on the clean subset after {info['passes']} passes "
           f"({time.time() - t_inv:.1f}s)", flush=True)
