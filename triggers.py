@@ -170,7 +170,7 @@ def warp(x, grids):
 
 def wanet_noise_grids(grid, n, generator):
     """WaNet's noise mode: n copies of the warp grid (H, W, 2), each moved by its own uniform noise of
-    at most one pixel, clamped to the image."""
+    at most 1/H in grid units (half a pixel), clamped to the image, as WaNet computes it."""
     h = grid.shape[0]
     noise = (torch.rand(n, *grid.shape, generator=generator) * 2 - 1).to(grid.device)
     return (grid[None] + noise / h).clamp(-1, 1)
