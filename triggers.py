@@ -30,8 +30,7 @@ SIG_MASK_ROW = (0, 14, 19, 13, 255, 241, 237, 244, 2, 15, 19, 11, 253, 240, 237,
 
 # 3x3 checkerboard-like patch of the reference code, rows top to bottom.
 GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))      # bottom-right corner
-CORNER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # other corners (reference rows 1..3)
-CENTER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # rows/cols size-14 .. size-12
+CORNER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # other corners (reference rows 1..3); MCL's centre patch too
 ARGD_CENTER = ((255, 128, 255), (128, 255, 128), (255, 128, 128))  # ARGD's gridTrigger; MCL's blend patch
 
 
@@ -50,7 +49,7 @@ def _patches(kind, h, w, trig_w, trig_h):
         top_right = ((255, 0, 255), (0, 255, 0), (0, 0, 255))
         return [(h - 3, w - 3, GRID), (1, 1, CORNER), (h - 3, 1, CORNER[::-1]), (1, w - 3, top_right)]
     if kind == 'centerTrigger':
-        return [(h - 14, w - 14, CENTER)]
+        return [(h - 14, w - 14, CORNER)]  # rows/cols size-14 .. size-12
     if kind in ('argdCenterTrigger', 'blendTrigger'):  # blendTrigger blends this patch at 0.2
         return [(h - 14, w - 14, ARGD_CENTER)]
     return []
