@@ -7,17 +7,14 @@
 The attack comes from the checkpoint's meta; flags override it (needed for checkpoints
 that carry only a state_dict).
 """
-from cli import UserError, main_guard, parse_args
+from cli import main_guard, parse_args
 from data_loader import RunData
-from utils import conv_norm, evaluate, load_model, setup, summary_line
+from utils import conv_norm, evaluate, load_given_model, summary_line
 
 
 def main():
     args = parse_args('evaluate.py', description=__doc__.split('\n\n')[0])
-    if not args.model:
-        raise UserError('evaluate.py needs --model PATH')
-    device = setup(args)
-    model, meta = load_model(args.model, args, None, device)
+    device, model, meta = load_given_model(args, 'evaluate.py')
     data = RunData(args, device, meta)
     a, norm = data.attack, round(conv_norm(model), 2)
     print(f"{args.model}: {meta['arch']}, {a['trigger_type']} {a['target_type']} target {a['target_label']}, "

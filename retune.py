@@ -14,18 +14,15 @@ import os
 
 import torch.nn.functional as F
 
-from cli import UserError, main_guard, parse_args
+from cli import main_guard, parse_args
 from data_loader import RunData, retune_set, train_batches
 from files import check_writable
-from utils import fit, load_model, setup, summary_line
+from utils import fit, load_given_model, summary_line
 
 
 def main():
     args = parse_args('retune.py', description=__doc__.split('\n\n')[0])
-    if not args.model:
-        raise UserError('retune.py needs --model PATH')
-    device = setup(args)
-    model, meta = load_model(args.model, args, None, device)
+    device, model, meta = load_given_model(args, 'retune.py')
     name = os.path.splitext(os.path.basename(args.model))[0]
     csv_path = os.path.join(args.log_root, f'retune_{name}.csv')
     for path in [csv_path] + ([args.output] if args.output else []):

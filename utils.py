@@ -133,6 +133,15 @@ def state_dict_of(ckpt, path):
     return {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
 
 
+def load_given_model(args, script):
+    """The --model a script is pointed at (required): device set up, model and meta loaded."""
+    if not args.model:
+        raise UserError(f'{script} needs --model PATH')
+    device = setup(args)
+    model, meta = load_model(args.model, args, None, device)
+    return device, model, meta
+
+
 def load_model(path, args, num_classes_hint, device):
     """Build the checkpoint's model (arch/classes from its meta, else flags) and load its weights.
     Returns (model, meta)."""
