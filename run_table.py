@@ -11,8 +11,8 @@ exists, else one trained here once with --model_seed; --seeds are the defense se
 teacher, initialisation). A cell is (attack, defense, seed) under a set of settings (data set, ratio,
 the model); its result lands in <table_dir>/cells/<attack>-<defense>-s<seed>-<hash of the settings>.json
 with the settings inside, so a rerun with other settings makes new cells and leaves the old ones
-alone. table.csv (one row per cell) and table.md (mean +- std over the seeds, one table per set of
-settings) are rebuilt from those files under a lock. A worker holds a lock on a cell while it runs
+alone. table.csv (one row per cell) and table.md (mean +- std over the seeds; one table per data set and
+ratio, a row per model, labelled with its settings hash) are rebuilt from those files under a lock. A worker holds a lock on a cell while it runs
 it; the operating system drops the lock if the worker dies, so workers on one machine or many sharing
 a file system run each cell once, and a killed worker's cell is redone by the next run.
 """
@@ -50,7 +50,7 @@ def merge(args):
                 with open(os.path.join(folder, name)) as f:
                     rows.append(json.load(f))
         order = {c: i for i, c in enumerate(all_cells(list(ATTACKS), sorted({r['seed'] for r in rows})))}
-        rows.sort(key=lambda r: (r['settings_key'], order.get((r['attack'], r['defense'], r['seed']), len(order))))
+        rows.sort(key=lambda r: (order.get((r['attack'], r['defense'], r['seed']), len(order)), r['settings_key']))
         write_csv([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows],
                   os.path.join(args.table_dir, 'table.csv'))
         write_markdown(rows, os.path.join(args.table_dir, 'table.md'))
@@ -60,28 +60,36 @@ def mean_std(values):
     return f'{statistics.mean(values):.2f}' + (f' ± {statistics.stdev(values):.2f}' if len(values) > 1 else '')
 
 
+MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern')  # the settings that only say which model a row starts from
+
+
 def write_markdown(rows, path):
-    """One table per set of settings (a model, data set and ratio): cells of different settings never mix."""
+    """One table per set of shared settings (data set, ratio, how the models were made); a row per
+    model, so cells of different settings never mix; the models are listed under each table."""
     lines = ['ACC (non-target) / ACC_target / ASR / ASR after the retuning attack (retune.py) in %, mean ± std over '
              'the defense seeds (n), the mean wall time of a cell, and ⚠ where a defense warned that it cut accuracy on '
              "the defender's clean subset by more than 10 points. Settings are printed above each table."]
-    for key in sorted({r['settings_key'] for r in rows}):
-        group = [r for r in rows if r['settings_key'] == key]
-        common = {k: v for k, v in group[0]['settings'].items() if k != 'attack' and
-                  all(r['settings'].get(k) == v for r in group)}
-        lines += ['', f"Settings {key}: {json.dumps(common, sort_keys=True)}", '',
+    shared = lambda r: json.dumps({k: v for k, v in r['settings'].items() if k not in MODEL_KEYS}, sort_keys=True)
+    for common in sorted({shared(r) for r in rows}):
+        group = [r for r in rows if shared(r) == common]
+        lines += ['', f'Settings: {common}', '',
                   '| attack | ' + ' | '.join(d['label'] for d in DEFENSES.values()) + ' |',
                   '|' + ' --- |' * (len(DEFENSES) + 1)]
-        for a in [a for a in ATTACKS if any(r['attack'] == a for r in group)]:
+        models = list(dict.fromkeys(r['settings_key'] for r in group))  # in the rows' order (attack order)
+        for key in models:
+            rows_of = [r for r in group if r['settings_key'] == key]
             cells = []
             for d in DEFENSES:
-                got = [r for r in group if r['attack'] == a and r['defense'] == d]
+                got = [r for r in rows_of if r['defense'] == d]
                 shown = [mean_std([float(r[k]) for r in got if r.get(k) is not None]) if any(r.get(k) is not None for r in got)
                          else '–' for k in ('ACC', 'ACC_target', 'ASR', 'ASR_retuned')] if got else []
                 warned = ' ⚠' * any(r.get('warning') for r in got)
                 cells.append(' / '.join(shown) + warned +
                              f" (n={len(got)}, {statistics.mean(float(r['seconds']) for r in got):.0f}s)" if got else '—')
-            lines.append(f'| {a} | ' + ' | '.join(cells) + ' |')
+            lines.append(f"| {rows_of[0]['attack']} [{key}] | " + ' | '.join(cells) + ' |')
+        first = {r['settings_key']: r for r in reversed(group)}
+        lines += [''] + [f"[{key}] " + json.dumps({k: v for k, v in first[key]['settings'].items()
+                                                    if k in MODEL_KEYS and v is not None}) for key in models]
     atomic_write_bytes(('\n'.join(lines) + '\n').encode(), path)
 
 

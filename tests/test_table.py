@@ -43,7 +43,7 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_pa
     assert all(float(row['ASR']) < float(rows[0]['ASR']) for row in rows[1:]), rows  # every defense lowers it
     assert float(rows[0]['ASR_retuned']) >= 90 and all(row['ASR_retuned'] for row in rows)  # each model re-tuned
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert '| badnet |' in table and '—' not in table and '(n=1,' in table
+    assert '| badnet [' in table and '—' not in table and '(n=1,' in table
     assert not list((tmp_path / 'w').glob('table/*/badnet.tar'))  # the zoo's model, not a new one
 
     again = run_script('run_table.py', *flags)
@@ -150,4 +150,4 @@ def test_a_rerun_with_another_ratio_makes_new_cells_and_leaves_the_old_ones(back
     ratios = sorted({json.loads(data)['settings']['ratio'] for data in after.values()})
     assert ratios == [0.25, 0.5]
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert table.count('| badnet |') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table
+    assert table.count('| badnet [') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table
