@@ -61,7 +61,6 @@ def _train(a):
     a('--eval_every', type=int, help='evaluate on the test sets every k epochs (always after the last)')
     a('--eval_subset', type=int, help='per-epoch rows score a fixed random N images of each test set (0 = all); '
       'the final model is always scored on all of them')
-    a('--compile', action='store_true', help='torch.compile the model')
     a('--log_root', help='per-run CSV logs are written under this folder')
     a('--checkpoint_root', help='models are read and written under this folder')
     a('--output', help='where the final model is written (default: per script)')
@@ -71,6 +70,8 @@ def _train(a):
 def _badnet(a):
     a('--recipe', choices=tuple(config.BADNET_RECIPES), help='reference training recipe (config.BADNET_RECIPES)')
     a('--no_augment', action='store_true', help='no random crop/flip even if the recipe has them')
+    a('--compile', choices=('auto', 'on', 'off'), help='torch.compile the model; auto: where the toolchain it needs '
+      'is found (a C++ compiler on the CPU, triton on CUDA)')
 
 
 def _defense(a):

@@ -43,7 +43,6 @@ TRAINING = dict(
     momentum=0.9,              # SGD momentum (all three references)
     eval_every=1,              # score the test sets every k epochs (always after the last)
     eval_subset=2000,          # per-epoch rows score a fixed random N images of each test set (0 = all)
-    compile=False,             # torch.compile the model (measured slower end to end on the CPU here, see README)
     log_root='./logs',         # per-run CSV logs go here
     checkpoint_root='./weight',  # models are read and written under this folder
     output=None,               # the final model; None: the script's own place under checkpoint_root
@@ -58,6 +57,7 @@ TRAIN_BADNET = dict(
     lr=0.1,                    # initial learning rate; the recipe's milestones divide it
     weight_decay=1e-4,         # NAD and MCL
     no_augment=False,          # drop the recipe's random crop and flip
+    compile='auto',            # torch.compile: auto = where a compiler is found (bf16 CPU here: 29.6 -> 24.3 s/epoch, 15 s to compile)
 )
 # milestones are fractions of --epochs where the lr is multiplied by the next factor
 BADNET_RECIPES = {
@@ -144,6 +144,7 @@ EVALUATE = dict(model=None)    # the checkpoint to score (required)
 BENCHMARK = dict(
     batch_size=64,             # training batch of the timed steps (the batch every training script uses)
     end_to_end=False,          # also time every defense end to end on the shipped model (minutes on a CPU)
+    compile=False,             # also time the train step under torch.compile
 )
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(

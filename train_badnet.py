@@ -46,7 +46,7 @@ def main():
 
     torch.manual_seed(args.seed)
     model = prepare_model(select_model(args.arch, data.num_classes), device)
-    train_model = data_parallel(compiled(model, args), device, args)
+    train_model = data_parallel(compiled(model, args, device), device, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
     augment = recipe['augment'] and not args.no_augment
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,

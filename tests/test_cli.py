@@ -53,7 +53,7 @@ def folder(image_folder):
 # Every entry point, with the flags of a run that would otherwise start (one cheap epoch).
 ENTRY_POINTS = {
     'evaluate.py': lambda bd: ['--model', bd],
-    'train_badnet.py': lambda bd: ['--epochs', 1],
+    'train_badnet.py': lambda bd: ['--epochs', 1, '--compile', 'off'],
     'train_teacher.py': lambda bd: ['--s_model', bd, '--teacher_epochs', 1],
     'main-ARGD.py': lambda bd: ['--s_model', bd, '--t_model', bd, '--epochs', 1],
     'main_mcl.py': lambda bd: ['--s_model', bd, '--mcl_target', 0, '--epochs', 1],

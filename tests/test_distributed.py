@@ -19,7 +19,7 @@ def flags(image_folder, out):
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1', '--epochs', 15,
             '--batch_size', 32, '--lr', 0.05, '--inject_portion', 0.3, '--trigger_type', 'squareTrigger',
             '--trig_w', 5, '--trig_h', 5, '--no_augment', '--seed', 1, '--device', 'cpu', '--threads', 1,
-            '--output', out / 'bd.tar', '--log_root', out / 'logs']
+            '--output', out / 'bd.tar', '--log_root', out / 'logs', '--compile', 'off']
 
 
 def torchrun(args, cwd, **kw):

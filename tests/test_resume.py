@@ -15,7 +15,7 @@ from conftest import ROOT, run_script
 def badnet_args(image_folder, out, seed=1, epochs=4):
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1', '--epochs', epochs,
             '--batch_size', 32, '--lr', 0.05, '--output', out, '--log_root', os.path.dirname(out), '--seed', seed,
-            '--threads', 1]
+            '--threads', 1, '--compile', 'off']
 
 
 def rows(path, drop=('seconds',)):
