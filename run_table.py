@@ -60,7 +60,7 @@ def mean_std(values):
     return f'{statistics.mean(values):.2f}' + (f' ± {statistics.stdev(values):.2f}' if len(values) > 1 else '')
 
 
-MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern')  # the settings that only say which model a row starts from
+MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed')  # what only says which model a row starts from
 
 
 def write_markdown(rows, path):
