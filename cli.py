@@ -1,6 +1,7 @@
 """Command lines: each script's options (their defaults come from config.py), validation before any
 work starts, and the one-line error every bad input ends in."""
 import argparse
+import math
 import sys
 
 import config
@@ -9,6 +10,7 @@ from triggers import TRIGGERS
 
 TARGET_TYPES = ('all2one', 'all2all', 'cleanLabel')
 DISTILLATIONS = ('argd', 'nad')  # main-ARGD.py --defense
+FT_DEFENSES = tuple(config.FT_RECIPES)  # main_ft.py --defense
 
 
 class UserError(Exception):
@@ -113,6 +115,38 @@ def _mcl(a):
     a('--asr_bound', type=float, help='MCL: attack success a pattern must reach to count')
     a('--init_cost', type=float, help='MCL: initial weight of the pattern-size penalty')
     a('--force', action='store_true', help='MCL: erase even when no target label is detected')
+    a('--keep_target', action='store_true', help='MCL-TK: leave out of the contrastive term the images the model '
+      'assigns to the target, and add cross-entropy on the clean images (keeps the target class)')
+
+
+def _ft(a):
+    a('--defense', help=f'{", ".join(FT_DEFENSES)} (their recipes: config.FT_RECIPES)')
+    a('--source', choices=('pgd', 'inverted'), help="FT-AT/PAM's images: untargeted PGD per batch, or the "
+      "pattern of MCL's target detection (a synthesised trigger) stamped on them")
+    a('--adv_against', choices=('original', 'current'), help="FT-AT/PAM: PGD against the model as given, or as "
+      'it is being tuned')
+    a('--adv_share', type=float, help='FT-AT/PAM: share of each batch replaced by PGD images at their true labels')
+    a('--adv_eps', type=float, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
+    a('--adv_step', type=float, help='FT-AT/PAM: PGD step size')
+    a('--adv_steps', type=int, help='PGD steps')
+    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones '
+      'where the gradient is taken')
+    a('--alpha', type=float, help='FST: weight of the inner product of the new head with the original head')
+    a('--sau_beta_adv', type=float, help='SAU: weight of the adversarial term of the shared PGD')
+    a('--sau_beta_shared', type=float, help='SAU: weight of the agreement (JS) term of the shared PGD')
+    a('--sau_lmd_shared', type=float, help='SAU: weight of the shared unlearning loss beside clean cross-entropy')
+
+
+def _interpolate(a):
+    a('--model', help='the defended checkpoint (the end of the path)')
+    a('--from', dest='start', help='the backdoored checkpoint the defense started from (the start of the path)')
+    a('--points', type=int, help='points on the path, both ends included')
+    a('--eval_subset', type=int, help='score a fixed random N images of each test set at each point (0 = all)')
+
+
+def _attack_from(a):
+    a('--attack_from', help="score against the attack in this checkpoint's meta instead of the model's own "
+      '(a clean control under another model\'s trigger)')
 
 
 def _evaluate(a):
@@ -177,11 +211,15 @@ SCRIPTS = {
                      (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD)),
     'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl),
                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_MCL)),
-    'evaluate.py': ((_run, _model, _attack, _evaluate), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE)),
-    'retune.py': ((_run, _model, _attack, _schedule, _train, _retune),
-                  (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.RETUNE)),
+    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft),
+                   (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_FT)),
+    'evaluate.py': ((_run, _model, _attack, _evaluate, _attack_from), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE,
+                                                                      C.ATTACK_FROM)),
+    'retune.py': ((_run, _model, _attack, _schedule, _train, _retune, _attack_from),
+                  (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.RETUNE, C.ATTACK_FROM)),
     'benchmark.py': ((_run, _benchmark, _defense), (C.COMMON, C.TRAINING, C.DEFENSE, C.BENCHMARK)),
     'run_table.py': ((_run, _table_dir, _table_run), (C.COMMON, C.TRAINING, C.DEFENSE, C.TABLE, C.RUN_TABLE)),
+    'interpolate.py': ((_run, _model, _attack, _interpolate), (C.COMMON, C.MODEL, C.ATTACK, C.INTERPOLATE)),
     'show_triggers.py': ((_run, _gallery), (C.COMMON, C.MODEL, C.ATTACK, C.SHOW_TRIGGERS)),
     'plot_curves.py': ((_table_dir, _plot), (C.TABLE, C.PLOT_CURVES)),
 }
@@ -218,7 +256,7 @@ def get_arguments(script, description=None):
     p = _Parser(prog=script, description=description, formatter_class=_Help, allow_abbrev=False)
 
     def add(flag, **kw):  # every option's default is config.py's, read when the parser is built
-        p.add_argument(flag, default=defaults[flag[2:]], **kw)
+        p.add_argument(flag, default=defaults[kw.get('dest', flag[2:])], **kw)
     for group in SCRIPTS[script][0]:
         group(add)
     return p
@@ -232,7 +270,7 @@ def parse_args(script, argv=None, description=None):
     args = parser.parse_args(argv)
     actions = parser._option_string_actions
     args.given = {actions[t.split('=')[0]].dest for t in argv if t.startswith('--') and t.split('=')[0] in actions}
-    check_args(args)
+    check_args(args, script)
     return args
 
 
@@ -243,14 +281,20 @@ def resolve(args, name, meta_value):
     return meta_value
 
 
-def check_args(args):
+def check_args(args, script=None):
     """Reject what can be rejected before any data or model is touched (only the options this script has)."""
     has = lambda name: getattr(args, name, None) is not None
+    defenses = FT_DEFENSES if script == 'main_ft.py' else DISTILLATIONS
     choices = (('dataset', config.DATASETS, 'dataset'), ('arch', MODELS, 'model'), ('trigger_type', TRIGGERS, 'trigger'),
-               ('target_type', TARGET_TYPES, 'target type'), ('defense', DISTILLATIONS, 'defense'))
+               ('target_type', TARGET_TYPES, 'target type'), ('defense', defenses, 'defense'))
     for name, allowed, what in choices:
         if has(name) and getattr(args, name) not in allowed:
             raise UserError(f"unknown {what} '{getattr(args, name)}' (choose from {', '.join(allowed)})")
+    if has('adv_share') and not 0 <= args.adv_share <= 1:
+        raise UserError(f'--adv_share must be in [0, 1], got {args.adv_share}')
+    for name in ('adv_eps', 'adv_step', 'rho', 'alpha', 'sau_beta_adv', 'sau_beta_shared', 'sau_lmd_shared', 'lr'):
+        if has(name) and not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            raise UserError(f'--{name} must be a finite number >= 0, got {getattr(args, name)}')
     if has('retune_ratio') and not 0 < args.retune_ratio <= 1:
         raise UserError(f'--retune_ratio must be in (0, 1], got {args.retune_ratio}')
     if has('poisoned') and args.poisoned < 0:
@@ -267,7 +311,9 @@ def check_args(args):
         if has(name) and getattr(args, name) < 0:
             raise UserError(f'--{name} must be >= 0')
     # a trigger inversion needs at least one pass (--epochs 0 is MCL's detection-only run)
-    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs'):
+    if has('points') and args.points < 2:
+        raise UserError(f'--points must be >= 2 (both ends of the path), got {args.points}')
+    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs', 'adv_steps'):
         if has(name) and getattr(args, name) < 1:
             raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if has('mcl_target') and args.mcl_target != 'auto' and not args.mcl_target.isdigit():

@@ -126,7 +126,44 @@ MAIN_MCL = dict(
     asr_bound=0.9,             # success a pattern must reach to count
     init_cost=1e-3,            # initial weight of the pattern-size penalty
     force=False,               # erase even when no target is detected (with the smallest pattern's class)
+    keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
+
+# ============================================================================ main_ft.py (FT-AT, PAM, FST, SAU)
+MAIN_FT = dict(
+    defense='pam',             # ft-at, pam, fst or sau (see FT_RECIPES)
+    epochs=None,               # None: the defense's recipe (FT_RECIPES), as for --lr, --batch_size, --momentum, --weight_decay
+    lr=None,
+    batch_size=None,
+    weight_decay=None,
+    source='pgd',              # FT-AT/PAM's images: pgd (untargeted, per batch) or inverted (MCL's detection's pattern)
+    adv_against='original',    # FT-AT/PAM's PGD attacks the model as given (original) or as it is being tuned (current)
+    adv_share=0.2,             # FT-AT/PAM: share of each batch replaced by PGD images at true labels (PAM's 20% + 1)
+    adv_eps=0.2,               # L_inf bound of every PGD here, [0,1]-pixel units (SAU's trigger_norm)
+    adv_step=0.05,             # FT-AT/PAM: PGD step (eps/4, random start); SAU steps by adv_eps from the corner
+    adv_steps=5,               # PGD steps (SAU's adv_steps)
+    rho=0.5,                   # PAM: distance moved towards the backdoored weights (its ResNet-18 script: 0.5; see README)
+    alpha=0.1,                 # FST: weight of <W, W_orig> (its README command for CIFAR-10)
+    sau_beta_adv=0.01,         # SAU: weight of the adversarial term in the maximisation (beta_1)
+    sau_beta_shared=1.0,       # SAU: weight of the shared (JS) term (beta_2)
+    sau_lmd_shared=1.0,        # SAU: weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
+)
+# the published optimisation of each, on ResNet-18 (README and scripts of their code); epochs are cut
+# where the reference's count does not fit 5 minutes on a 2-core CPU (said in a comment)
+FT_RECIPES = {
+    # the blind baseline: exactly FT's recipe (TEACHER), with the adversarial share added
+    'ft-at': dict(epochs=10, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                  optimizer='sgd', schedule='finetune', augment=True, cutout=3),
+    # btidbfu.py: SGD lr 0.01 momentum 0.1, batch 128, 30 epochs per round (x 3 rounds there: 1 here)
+    'pam': dict(epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False, weight_decay=0.0,
+                optimizer='sgd', schedule='constant', augment=True, cutout=0),
+    # ft.py --ft_mode fst: SGD lr 0.01 momentum 0.9, no weight decay, cosine over 10 epochs, batch 128
+    'fst': dict(epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0,
+                optimizer='sgd', schedule='cosine', augment=True, cutout=0),
+    # BackdoorBench sau: Adam lr 1e-4, cosine, batch 256, no augmentation, BN frozen; 100 rounds there, 12 here
+    'sau': dict(epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0,
+                optimizer='adam', schedule='cosine', augment=False, cutout=0),
+}
 
 # ============================================================================ retune.py
 RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
@@ -141,6 +178,13 @@ RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
 
 # ============================================================================ the other scripts
 EVALUATE = dict(model=None)    # the checkpoint to score (required)
+INTERPOLATE = dict(            # interpolate.py: ASR along the line from the backdoored to the defended weights
+    model=None,                # the defended checkpoint (required)
+    start=None,                # --from: the backdoored checkpoint (required)
+    points=11,                 # t = 0, 0.1, ..., 1 (Min et al.'s path)
+    eval_subset=TRAINING['eval_subset'],  # images of each test set scored per point, as the per-epoch rows (0 = all)
+)
+ATTACK_FROM = dict(attack_from=None)  # evaluate.py/retune.py: score against the attack in this checkpoint's meta
 BENCHMARK = dict(
     batch_size=64,             # training batch of the timed steps (the batch every training script uses)
     end_to_end=False,          # also time every defense end to end on the shipped model (minutes on a CPU)
@@ -149,7 +193,7 @@ BENCHMARK = dict(
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(
     attacks='badnet,blended,sig-cl,wanet',  # rows, see defenses.ATTACKS (trojan needs --trojan_pattern)
-    defenses='none,ft,nad,argd,mcl',  # columns, see defenses.DEFENSES
+    defenses='none,ft,nad,argd,mcl,mcl-tk,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
     seeds='0',                 # comma-separated defense seeds: the clean subset, teacher and initialisation
     model_seed=0,              # the backdoored models' seed (0: the zoo's models where they exist)
     shard=None,                # K/N: only the K-th (from 0) of N fixed slices of the cells (job arrays)

@@ -36,7 +36,18 @@ DEFENSES = {
     'nad': dict(script='main-ARGD.py', flags=['--defense', 'nad'], log='nad', label='NAD'),
     'argd': dict(script='main-ARGD.py', flags=[], log='argd', label='ARGD'),
     'mcl': dict(script='main_mcl.py', flags=['--mcl_target', 0], log='mcl', label='MCL'),  # told the target
+    'mcl-tk': dict(script='main_mcl.py', flags=['--mcl_target', 0, '--keep_target'], log='mcl-tk', label='MCL-TK'),
+    'ft-at': dict(script='main_ft.py', flags=['--defense', 'ft-at'], log='ft-at', label='FT-AT'),  # blind
+    'ft-si': dict(script='main_ft.py', flags=['--defense', 'ft-at', '--source', 'inverted'], log='ft-si',
+                  label='FT-SI'),                                                                # blind
+    'pam': dict(script='main_ft.py', flags=['--defense', 'pam'], log='pam', label='PAM'),          # blind
+    'fst': dict(script='main_ft.py', flags=['--defense', 'fst'], log='fst', label='FST'),          # blind
+    'sau': dict(script='main_ft.py', flags=['--defense', 'sau'], log='sau', label='SAU'),          # blind
+    # not a defense: the never-poisoned control (the clean row's model) scored and re-tuned under this
+    # row's trigger, the floor a real erasure reaches (ASR, ASR and RA after re-tuning)
+    'floor': dict(script='evaluate.py', flags=[], log=None, label='clean control'),
 }
+BLIND = ('ft', 'nad', 'argd', 'ft-at', 'ft-si', 'pam', 'fst', 'sau')  # told neither the trigger nor the target
 
 
 def run(script, *flags):
@@ -110,21 +121,26 @@ def common_flags(args, seed):
     return flags
 
 
+def row_model(args, attack):
+    """(path, build) of a row's backdoored model: the zoo's, used as it is, or one trained here once
+    with --model_seed in <checkpoint_root>/table/<hash of its settings>/ (build() makes it if absent)."""
+    zoo = zoo_model(args, attack)
+    if zoo:
+        return zoo, lambda: None
+    path = os.path.join(args.checkpoint_root, 'table', short_hash(model_settings(args, attack)), f'{attack}.tar')
+    flags = [*common_flags(args, args.model_seed), '--log_root', os.path.dirname(path), *ATTACKS[attack],
+             '--target_label', 0, *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
+             *(['--epochs', args.epochs] if args.epochs is not None else [])]
+    return path, lambda: built_once(path, 'train_badnet.py', flags)
+
+
 def cell_commands(args, attack, seed, work, log_root, given_model=None):
     """-> {defense: function returning (metrics, seconds)} for the cells of one (attack, defense seed):
     on given_model, else the zoo's model, else one trained here with --model_seed (built when first
     needed, in <checkpoint_root>/table/<hash of its settings>/). Outputs go to `work`."""
     common = common_flags(args, seed)
     trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
-    path = given_model or zoo_model(args, attack) or os.path.join(
-        args.checkpoint_root, 'table', short_hash(model_settings(args, attack)), f'{attack}.tar')
-
-    def model():  # a given or zoo model is used as it is; the others are trained once
-        if given_model is None and path != zoo_model(args, attack):
-            built_once(path, 'train_badnet.py', [*common_flags(args, args.model_seed), '--log_root',
-                                                 os.path.dirname(path), *ATTACKS[attack], '--target_label', 0,
-                                                 *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
-                                                 *(['--epochs', args.epochs] if args.epochs is not None else [])])
+    path, model = (given_model, lambda: None) if given_model else row_model(args, attack)
     s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
     teacher = os.path.join(work, f'{attack}-ft.tar')
 
@@ -155,16 +171,30 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
         model()
         return run('evaluate.py', '--model', path, *common)
 
-    def retuned(cell, model_path):
-        """The cell, then the retuning attack on the model it ended with (unless skipped)."""
+    clean_path, clean_model = row_model(args, 'clean')
+    under_row = ['--attack_from', path]  # the clean control, scored and re-tuned under this row's attack
+
+    def floor():
+        model()
+        clean_model()
+        return run('evaluate.py', '--model', clean_path, *common, *under_row)
+
+    def retuned(cell, model_path, attack_flags=()):
+        """The cell, then the retuning attack on the model it ended with (unless skipped), and for a defended
+        model the ASR along the straight line from the backdoored weights to its own."""
         def with_retune():
             metrics, seconds = cell()
             if getattr(args, 'skip_retune', True):
                 return metrics, seconds
-            r, more = run('retune.py', '--model', model_path, *common, '--ratio', args.ratio, '--log_root', log_root)
-            return dict(metrics, ASR_retuned=r['ASR'], ACC_retuned=r['ACC']), seconds + more
+            r, more = run('retune.py', '--model', model_path, *common, '--ratio', args.ratio, '--log_root', log_root,
+                          *attack_flags)
+            metrics = dict(metrics, ASR_retuned=r['ASR'], ACC_retuned=r['ACC'], RA_retuned=r['RA'])
+            if model_path not in (path, clean_path):
+                p, t = run('interpolate.py', '--model', model_path, '--from', path, *common)
+                metrics['path_ASR'], more = [point['ASR'] for point in p['path']], more + t
+            return metrics, seconds + more
         return with_retune
 
-    cells = {'none': (undefended, path), 'ft': (ft_cell, teacher)}
+    cells = {'none': (undefended, path), 'ft': (ft_cell, teacher), 'floor': (floor, clean_path, under_row)}
     return {name: retuned(*(cells.get(name) or (defended(name), os.path.join(work, f'{attack}-{name}.tar'))))
             for name in DEFENSES}

@@ -11,6 +11,11 @@ As published: inversion over --inv_epochs 100 passes of the clean subset; erasin
 momentum 0.9, weight decay 1e-4, lr 0.1 for epoch 0, 0.01 to epoch 9, 0.001 after
 (config.DEFENSE_SCHEDULES['mcl']), no augmentation, no ragged last batch. Output:
 <checkpoint_root>/mcl_net/<s_name>.tar, the CSV and a picture of the inverted trigger under --log_root.
+
+--keep_target (MCL-TK, not in the paper) keeps the target class: the clean images the model assigns to
+the target are left out of the contrastive term, whose push away from the triggered features would push
+them away from their own class, and cross-entropy on the clean images anchors every class (mcl.py).
+Output: mcl-tk_net/ and mcl-tk_* files.
 """
 import os
 import time
@@ -21,22 +26,10 @@ from cli import UserError, main_guard, parse_args
 from config import DEFENSE_SCHEDULES
 from data_loader import Normalizer, train_batches
 from files import check_writable
-from mcl import add_pattern, contrastive_loss, detect_target, frozen_features, invert_triggers, trigger_picture
+from mcl import (add_pattern, contrastive_loss, find_target, frozen_features, invert_triggers, keep_target_loss,
+                 trigger_picture)
 from triggers import apply_trigger
-from utils import defender_check, defense_meta, defense_setup, evaluate, fit, step_lr, summary_line
-
-
-def find_target(args, run):
-    """Invert a pattern for every class at once with a short budget. Returns (detected label or None,
-    its anomaly index, max anomaly index, smallest-pattern class, the patterns with their info)."""
-    patterns = invert(args, run, list(range(run.data.num_classes)), args.detect_epochs)
-    for c, (_, info) in enumerate(patterns):
-        print(f"class {c}: pattern L1 {info['l1']:.2f}, {info['pixels']} pixels, success {100 * info['asr']:.1f}%, "
-              f"{'reached' if info['found'] else 'missed'} the bound in {info['passes']} passes", flush=True)
-    norms = [info['l1'] if info['found'] else info['last_l1'] for _, info in patterns]
-    label, index, indices = detect_target(norms)
-    print('anomaly index per class: ' + ' '.join(f'{c}:{v:.2f}' for c, v in enumerate(indices)))
-    return label, index, max(indices), min(range(len(norms)), key=norms.__getitem__), patterns
+from utils import defender_check, defense_meta, defense_setup, evaluate, fit, predict, step_lr, summary_line
 
 
 def invert(args, run, targets, passes, report=None):
@@ -57,9 +50,10 @@ def main():
     t0 = time.time()
     run = defense_setup(args)
     model, data = run.model, run.data
-    out = args.output or os.path.join(args.checkpoint_root, 'mcl_net', f'{run.s_name}.tar')
-    csv_path = os.path.join(args.log_root, f'mcl_{run.s_name}.csv')
-    png_path = os.path.join(args.log_root, f'mcl_{run.s_name}_trigger.png')
+    tag = 'mcl-tk' if args.keep_target else 'mcl'
+    csv_path = os.path.join(args.log_root, f'{tag}_{run.s_name}.csv')
+    png_path = os.path.join(args.log_root, f'{tag}_{run.s_name}_trigger.png')
+    out = args.output or os.path.join(args.checkpoint_root, f'{tag}_net', f'{run.s_name}.tar')
     for path in (out, csv_path, png_path):
         check_writable(path)
 
@@ -67,7 +61,9 @@ def main():
     truth = true_target(args, run)
     target, detected = (None if args.mcl_target == 'auto' else int(args.mcl_target)), None
     if target is None:
-        target, index, max_index, smallest, detected = find_target(args, run)
+        target, index, max_index, smallest, detected = find_target(
+            run.model, run.x, run.data.normalizer, run.data.num_classes, args.detect_epochs, args.batch_size,
+            args.inv_patience, args.asr_bound, args.init_cost, args.seed, args.amp)
         if target is None:
             print(f'no target label detected (max anomaly index {max_index:.2f})')
             if not args.force or args.epochs == 0:
@@ -105,7 +101,15 @@ def main():
     norm = data.normalizer.normalize_float
     positive, negative = frozen_features(model, run.x, pattern, raw, norm, args.eval_batch_size, args.amp)
 
+    if args.keep_target:  # MCL-TK: see mcl.keep_target_loss
+        pushed = predict(model, run.x, data.normalizer, args.eval_batch_size, args.amp) != target
+        print(f'MCL-TK: {int((~pushed).sum())} of {len(pushed)} clean images the model assigns to class {target} '
+              'are left out of the contrastive term; cross-entropy on the clean images anchors the rest', flush=True)
+
     def loss_fn(x01, idx):  # the batch's "labels" are its row numbers in run.x
+        if args.keep_target:
+            return keep_target_loss(model, x01, run.y[idx], pattern, norm, positive[idx], negative[idx], pushed[idx],
+                                    args.temperature)
         _, _, anchor = model(norm(add_pattern(x01, pattern)), features=True)
         return contrastive_loss(anchor, positive[idx], negative[idx], args.temperature)
 
@@ -114,10 +118,10 @@ def main():
     rows = torch.arange(len(run.x), device=run.device)
     batches = lambda epoch: train_batches(run.x, rows, args.batch_size, raw, args.seed, epoch, augment_data=False,
                                           drop_last=True)
-    meta = dict(defense_meta(run.meta, args, 'mcl'),
+    meta = dict(defense_meta(run.meta, args, tag),
                 mcl={'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']})
     metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-                  meta=meta, evaluate_first=True, tag='mcl')
+                  meta=meta, evaluate_first=True, tag=tag)
     defender_check(run, model, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}; trigger picture {png_path}')
     print(summary_line(metrics, args.json))

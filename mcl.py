@@ -155,6 +155,20 @@ def detect_target(norms, threshold=2.0):
     return (smallest if flagged else None), float(idx[smallest]), idx
 
 
+def find_target(model, x, normalizer, num_classes, passes, batch_size, patience, asr_bound, init_cost, seed, amp):
+    """Invert a pattern for every class at once with a short budget (a line per class). Returns (detected
+    label or None, its anomaly index, max anomaly index, smallest-pattern class, [(pattern, info)] per class)."""
+    patterns = invert_triggers(model, x, list(range(num_classes)), normalizer, passes, batch_size, patience, asr_bound,
+                               init_cost, seed=seed, amp=amp)
+    for c, (_, info) in enumerate(patterns):
+        print(f"class {c}: pattern L1 {info['l1']:.2f}, {info['pixels']} pixels, success {100 * info['asr']:.1f}%, "
+              f"{'reached' if info['found'] else 'missed'} the bound in {info['passes']} passes", flush=True)
+    norms = [info['l1'] if info['found'] else info['last_l1'] for _, info in patterns]
+    label, index, indices = detect_target(norms)
+    print('anomaly index per class: ' + ' '.join(f'{c}:{v:.2f}' for c, v in enumerate(indices)))
+    return label, index, float(max(indices)), min(range(len(norms)), key=norms.__getitem__), patterns
+
+
 def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp=False):
     """Pooled features of the model as it is now, for the uint8 images x and for x + pattern.
     MCL's frozen model sees the same inputs at every epoch (eval mode, no augmentation, a fixed
@@ -177,6 +191,19 @@ def contrastive_loss(anchor, positive, negative, temperature=0.5):
     logits = torch.stack([F.cosine_similarity(anchor, positive, dim=-1),
                           F.cosine_similarity(anchor, negative, dim=-1)], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long, device=anchor.device))
+
+
+def keep_target_loss(model, x01, y, pattern, normalize, positive, negative, pushed, temperature=0.5):
+    """MCL-TK: the contrastive loss only on the images in `pushed` (those the original model does not
+    assign to the target: for a target-class image, the frozen features of x + pattern are its own
+    class's, and pushing away from them pushes the class away), plus cross-entropy on the clean images
+    of the batch at their true labels. One forward of both halves (BatchNorm sees the mixture)."""
+    n = len(y)
+    logits, _, feats = model(normalize(torch.cat([add_pattern(x01, pattern), x01])), features=True)
+    ce = F.cross_entropy(logits[n:], y)
+    if not bool(pushed.any()):
+        return ce
+    return contrastive_loss(feats[:n][pushed], positive[pushed], negative[pushed], temperature) + ce
 
 
 def trigger_picture(pattern, clean_image, real_triggered=None, scale=4):

@@ -12,6 +12,7 @@ test sets, the last row the full sets.
 import csv
 import glob
 import io
+import json
 import os
 
 from cli import UserError, main_guard, parse_args
@@ -78,7 +79,8 @@ def plot(curves, title):
 
 
 def read_robustness(table_csv):
-    """-> {attack: {label: (mean ASR, mean ASR after re-tuning)}} over the seeds, from table.csv."""
+    """-> {attack: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or None)}} over
+    the seeds, from table.csv."""
     with open(table_csv) as f:
         rows = [r for r in csv.DictReader(f) if r.get('ASR_retuned')]
     out = {}
@@ -87,23 +89,35 @@ def read_robustness(table_csv):
             got = [r for r in rows if r['attack'] == attack and r['defense'] == name]
             if got:
                 mean = lambda k: sum(float(r[k]) for r in got) / len(got)
-                out.setdefault(attack, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'))
+                paths = [json.loads(r['path_ASR']) for r in got if r.get('path_ASR')]
+                path = [sum(p[i] for p in paths) / len(paths) for i in range(len(paths[0]))] if paths else None
+                out.setdefault(attack, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), path)
     return out
 
 
 def plot_robustness(data):
-    """-> PNG bytes: one panel per attack, a pair of bars (ASR, ASR after re-tuning) per defense."""
+    """-> PNG bytes: one column per attack; on top a pair of bars (ASR, ASR after re-tuning) per defense,
+    below the ASR along the straight line from the backdoored weights (t = 0) to each defense's (t = 1)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(data), figsize=(3.2 * len(data), 3.4), sharey=True, squeeze=False)
-    for ax, (attack, cells) in zip(axes[0], data.items()):
+    fig, axes = plt.subplots(2, len(data), figsize=(3.4 * len(data), 6.4), sharey='row', squeeze=False)
+    for col, (attack, cells) in enumerate(data.items()):
+        ax, path_ax = axes[0][col], axes[1][col]
         xs = range(len(cells))
         ax.bar([x - 0.2 for x in xs], [v[0] for v in cells.values()], 0.4, label='after the defense')
         ax.bar([x + 0.2 for x in xs], [v[1] for v in cells.values()], 0.4, label='after re-tuning (5 poisoned)')
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(list(cells))
+        ax.set_xticklabels(list(cells), rotation=60, fontsize=7)
         ax.set_title(attack)
         ax.grid(alpha=0.3, axis='y')
+        for label, (_, _, path) in cells.items():
+            if path:
+                path_ax.plot([i / (len(path) - 1) for i in range(len(path))], path, marker='.', label=label)
+        path_ax.set_xlabel('t (0: backdoored, 1: defended)')
+        path_ax.grid(alpha=0.3)
+        if path_ax.lines:
+            path_ax.legend(fontsize=6)
     axes[0][0].set_ylabel('ASR %')
+    axes[1][0].set_ylabel('ASR % along the path')
     axes[0][0].legend(fontsize=7)
     return png(fig, plt)
 

@@ -29,7 +29,7 @@ from defenses import ATTACKS, DEFENSES, cell_commands, cell_settings, locked, sh
 from files import atomic_write_bytes, write_csv
 
 COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
-RETUNED = ('ASR_retuned', 'ACC_retuned')  # the same model after the retuning attack (retune.py)
+RETUNED = ('ASR_retuned', 'ACC_retuned', 'RA_retuned')  # the same model after the retuning attack (retune.py)
 
 
 def all_cells(attacks, seeds, defenses=tuple(DEFENSES)):
@@ -63,30 +63,38 @@ def mean_std(values):
 MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed')  # what only says which model a row starts from
 
 
+SHOWN = (('ACC', 'ACC'), ('ACC_target', 'ACC_target'), ('ASR', 'ASR'), ('ASR_retuned', 'ASR re-tuned'),
+         ('RA_retuned', 'RA re-tuned'))  # a cell's numbers in table.md, in this order
+
+
 def write_markdown(rows, path):
-    """One table per set of shared settings (data set, ratio, how the models were made); a row per
-    model, so cells of different settings never mix; the models are listed under each table."""
-    lines = ['ACC (non-target) / ACC_target / ASR / ASR after the retuning attack (retune.py) in %, mean ± std over '
-             'the defense seeds (n), the mean wall time of a cell, and ⚠ where a defense warned that it cut accuracy on '
-             "the defender's clean subset by more than 10 points. Settings are printed above each table."]
+    """One section per set of shared settings (data set, ratio, how the models were made) and, in it,
+    a table per backdoored model with a line per defense, so cells of different settings never mix;
+    the models are listed under each section."""
+    lines = ['ACC (non-target) / ACC_target / ASR, then ASR and RA after the retuning attack (retune.py), in %, '
+             'mean ± std over the defense seeds (n), the mean wall time of a cell (with its re-tuning), and ⚠ where a '
+             "defense warned that it cut accuracy on the defender's clean subset by more than 10 points. "
+             "'clean control' is the never-poisoned model under the row's trigger: the floor a real erasure reaches. "
+             '– : not recorded (cells run before RA after re-tuning was kept). Settings are printed above each section.']
     shared = lambda r: json.dumps({k: v for k, v in r['settings'].items() if k not in MODEL_KEYS}, sort_keys=True)
     for common in sorted({shared(r) for r in rows}):
         group = [r for r in rows if shared(r) == common]
-        lines += ['', f'Settings: {common}', '',
-                  '| attack | ' + ' | '.join(d['label'] for d in DEFENSES.values()) + ' |',
-                  '|' + ' --- |' * (len(DEFENSES) + 1)]
+        lines += ['', f'Settings: {common}']
         models = list(dict.fromkeys(r['settings_key'] for r in group))  # in the rows' order (attack order)
         for key in models:
             rows_of = [r for r in group if r['settings_key'] == key]
-            cells = []
-            for d in DEFENSES:
+            lines += ['', f"**{rows_of[0]['attack']}** [{key}]", '',
+                      '| defense | ' + ' | '.join(label for _, label in SHOWN) + ' | n | s |',
+                      '|' + ' --- |' * (len(SHOWN) + 3)]
+            for d, spec in DEFENSES.items():
                 got = [r for r in rows_of if r['defense'] == d]
-                shown = [mean_std([float(r[k]) for r in got if r.get(k) is not None]) if any(r.get(k) is not None for r in got)
-                         else '–' for k in ('ACC', 'ACC_target', 'ASR', 'ASR_retuned')] if got else []
+                if not got:
+                    continue
+                shown = [mean_std([float(r[k]) for r in got if r.get(k) is not None])
+                         if any(r.get(k) is not None for r in got) else '–' for k, _ in SHOWN]
                 warned = ' ⚠' * any(r.get('warning') for r in got)
-                cells.append(' / '.join(shown) + warned +
-                             f" (n={len(got)}, {statistics.mean(float(r['seconds']) for r in got):.0f}s)" if got else '—')
-            lines.append(f"| {rows_of[0]['attack']} [{key}] | " + ' | '.join(cells) + ' |')
+                seconds = statistics.mean(float(r['seconds']) for r in got)
+                lines.append(f"| {spec['label']}{warned} | " + ' | '.join(shown) + f' | {len(got)} | {seconds:.0f} |')
         first = {r['settings_key']: r for r in reversed(group)}
         lines += [''] + [f"[{key}] " + json.dumps({k: v for k, v in first[key]['settings'].items()
                                                     if k in MODEL_KEYS and v is not None}) for key in models]
@@ -108,12 +116,14 @@ def work_through(args, cells):
             log_root = os.path.join(args.table_dir, 'logs', key, f's{seed}')
             metrics, seconds = cell_commands(args, attack, seed, work, log_root)[defense]()
             row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in COLUMNS},
-                       **{k: metrics.get(k) for k in (*RETUNED, 'per_class', 'subset_before', 'subset_after', 'warning')},
+                       **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
+                                                        'warning')},
                        seconds=seconds, settings_key=key, settings=settings)
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
         print(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
-              f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f}  "
+              f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f} "
+              f"RA_retuned {metrics.get('RA_retuned', float('nan')):6.2f}  "
               f"{seconds:.0f}s" +
               (f"  warning: {metrics['warning']}" if metrics.get('warning') else ''), flush=True)
 

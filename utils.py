@@ -1,5 +1,6 @@
 """Shared machinery: device and seeds, checkpoints, the one evaluation function, and the one
 training loop every script uses."""
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -171,11 +172,19 @@ def state_dict_of(ckpt, path):
 
 
 def load_given_model(args, script):
-    """The --model a script is pointed at (required): device set up, model and meta loaded."""
+    """The --model a script is pointed at (required): device set up, model and meta loaded; with
+    --attack_from, the meta's attack is that checkpoint's."""
     if not args.model:
         raise UserError(f'{script} needs --model PATH')
     device = setup(args)
     model, meta = load_model(args.model, args, None, device)
+    if getattr(args, 'attack_from', None):  # e.g. the clean control scored under a backdoored model's trigger
+        attack = (load_checkpoint(args.attack_from).get('meta') or {}).get('attack')
+        if not isinstance(attack, dict) or 'trigger' not in attack:
+            raise UserError(f'--attack_from {args.attack_from}: its meta holds no attack')
+        meta = dict(meta, attack=attack)
+        print(f"scoring against the attack of {args.attack_from}: {attack.get('trigger_type')} "
+              f"{attack.get('target_type')} target {attack.get('target_label')}")
     return device, model, meta
 
 
@@ -276,21 +285,28 @@ def summary_line(metrics, as_json=False):
 
 # ----------------------------------------------------------------------------- training
 def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv_path, meta, epochs=None,
-        params=None, extra_modules=None, nesterov=False, evaluate_first=False, tag='train'):
+        params=None, extra_modules=None, nesterov=False, evaluate_first=False, tag='train', optimizer='sgd',
+        gradient_point=None, after_step=None):
     """The training loop of every script; ends by saving the final model to out_path (None: the
     model is only returned in place, with no resume state and no file).
 
     loss_fn(x, y) -> scalar loss; batches(epoch) -> iterable of (x, y) on the device;
-    lr_at(epoch) -> learning rate of that epoch (0-based). Each epoch ends with an atomic
-    resume state, so --resume after a crash repeats the uninterrupted run exactly (or refuses,
+    lr_at(epoch) -> learning rate of that epoch (0-based). optimizer: 'sgd' (momentum, weight decay,
+    nesterov from the arguments) or 'adam'. gradient_point() -> a context manager the forward and
+    backward pass run in (PAM: the gradient taken at another point than the weights it updates);
+    after_step() runs after every optimiser step (FST: the head's norm put back). Each epoch ends with an
+    atomic resume state, so --resume after a crash repeats the uninterrupted run exactly (or refuses,
     if any option that changes the result differs). Returns the final model's metrics.
     """
     epochs = args.epochs if epochs is None else epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
     extra_modules = extra_modules or {}
     params = list(params if params is not None else model.parameters())
-    optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
-                                nesterov=nesterov)
+    if optimizer == 'adam':
+        optimizer = torch.optim.Adam(params, lr=lr_at(0), weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
+                                    nesterov=nesterov)
     state_path = out_path + '.resume' if out_path else None
     run_id = dict(result_options(args), tag=tag, epochs=epochs, lr=[lr_at(e) for e in range(epochs)])
     rows = load_resume_state(args, state_path, run_id, model, optimizer, extra_modules, tag)
@@ -303,7 +319,7 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         print(log_line(rows[-1], epochs, tag))
     for epoch in range(rows[-1]['epoch'] if rows else 0, epochs):
         t0 = time.time()
-        loss = train_epoch(model, optimizer, loss_fn, batches(epoch), lr_at(epoch), args.amp)
+        loss = train_epoch(model, optimizer, loss_fn, batches(epoch), lr_at(epoch), args.amp, gradient_point, after_step)
         if not math.isfinite(loss):
             raise UserError(f'{tag}: loss became NaN/inf in epoch {epoch + 1}; stopped, the last good state is '
                             f'{state_path if state_path and os.path.exists(state_path) else "the input model"}')
@@ -332,19 +348,22 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     return final
 
 
-def train_epoch(model, optimizer, loss_fn, batches, lr, amp):
-    """One pass of SGD steps; returns the mean loss (NaN if any step's loss was not finite)."""
+def train_epoch(model, optimizer, loss_fn, batches, lr, amp, gradient_point=None, after_step=None):
+    """One pass of optimiser steps; returns the mean loss (NaN if any step's loss was not finite)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     model.train()
     device = next(model.parameters()).device
     total, finite, steps = torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device), 0
     for x, y in batches:
-        with autocast(device, amp):
-            loss = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with gradient_point() if gradient_point else contextlib.nullcontext():
+            with autocast(device, amp):
+                loss = loss_fn(x, y)
+            loss.backward()
         optimizer.step()
+        if after_step:
+            after_step()
         finite &= torch.isfinite(loss.detach())  # no host sync per step
         total += loss.detach().float()
         steps += 1
@@ -390,6 +409,11 @@ def csv_metrics(metrics, test):
 def step_lr(base, epoch, milestones, factors):
     """Step schedule: base * factors[i], where i = how many milestones epoch (0-based) has reached."""
     return base * factors[sum(epoch >= m for m in milestones)]
+
+
+def cosine_lr(base, epoch, epochs):
+    """CosineAnnealingLR stepped once per epoch: base at epoch 0, towards 0 at the end."""
+    return base * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
 def log_line(row, epochs, tag):

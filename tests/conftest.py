@@ -66,15 +66,24 @@ def image_folder(tmp_path_factory):
     return write_folder(str(tmp_path_factory.mktemp('synthetic')))
 
 
+def train_toy(image_folder, out, name, *flags):
+    ckpt = os.path.join(out, f'{name}.tar')
+    r = run_script('train_badnet.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1',
+                   '--epochs', 15, '--batch_size', 32, '--lr', 0.05, '--output', ckpt,
+                   '--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5, '--no_augment',
+                   '--log_root', out, '--seed', 1, '--compile', 'off', *flags)  # compiling costs more than it saves here
+    assert r.returncode == 0, r.stderr
+    return {'path': ckpt, 'dir': str(out), 'stdout': r.stdout, 'metrics': summary(r.stdout)}
+
+
+@pytest.fixture(scope='session')
+def clean_control(image_folder, tmp_path_factory):
+    """The same toy model and recipe with no poison: the floor a real erasure reaches."""
+    return train_toy(image_folder, tmp_path_factory.mktemp('clean'), 'clean', '--inject_portion', 0)
+
+
 @pytest.fixture(scope='session')
 def backdoored(image_folder, tmp_path_factory):
     """A WRN-10-1 with a planted 5x5 corner patch (target 0), and its training output. Trained without
     crop/flip so the patch stays in place: a tiny model learns it in a few epochs."""
-    out = tmp_path_factory.mktemp('bd')
-    ckpt = os.path.join(out, 'bd.tar')
-    r = run_script('train_badnet.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1',
-                   '--epochs', 15, '--batch_size', 32, '--lr', 0.05, '--inject_portion', 0.3, '--output', ckpt,
-                   '--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5, '--no_augment',
-                   '--log_root', out, '--seed', 1, '--compile', 'off')  # compiling costs more than it saves here
-    assert r.returncode == 0, r.stderr
-    return {'path': ckpt, 'dir': str(out), 'stdout': r.stdout, 'metrics': summary(r.stdout)}
+    return train_toy(image_folder, tmp_path_factory.mktemp('bd'), 'bd', '--inject_portion', 0.3)

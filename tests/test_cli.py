@@ -57,11 +57,14 @@ ENTRY_POINTS = {
     'train_teacher.py': lambda bd: ['--s_model', bd, '--teacher_epochs', 1],
     'main-ARGD.py': lambda bd: ['--s_model', bd, '--t_model', bd, '--epochs', 1],
     'main_mcl.py': lambda bd: ['--s_model', bd, '--mcl_target', 0, '--epochs', 1],
+    'main_ft.py': lambda bd: ['--s_model', bd, '--epochs', 1],
+    'retune.py': lambda bd: ['--model', bd, '--epochs', 1],
 }
 # The flags through which each entry point reads a checkpoint.
 CHECKPOINT_FLAGS = [('evaluate.py', '--model'), ('train_teacher.py', '--s_model'), ('main-ARGD.py', '--s_model'),
-                    ('main-ARGD.py', '--t_model'), ('main_mcl.py', '--s_model')]
-WRITERS = ('train_badnet.py', 'train_teacher.py', 'main-ARGD.py', 'main_mcl.py')
+                    ('main-ARGD.py', '--t_model'), ('main_mcl.py', '--s_model'), ('main_ft.py', '--s_model'),
+                    ('retune.py', '--model'), ('evaluate.py', '--attack_from'), ('retune.py', '--attack_from')]
+WRITERS = ('train_badnet.py', 'train_teacher.py', 'main-ARGD.py', 'main_mcl.py', 'main_ft.py')
 
 # name -> (extra flags given d = the folder of bad files, img = a good image folder; expected message)
 BAD_CHECKPOINTS = {
@@ -118,6 +121,12 @@ def matrix():
             del inputs['arch-mismatch']
         if script == 'main-ARGD.py':
             inputs['unknown-defense'] = (lambda d, img: ['--defense', 'fp', *folder(img)], "unknown defense 'fp'")
+        if script == 'main_ft.py':
+            inputs['unknown-ft-defense'] = (lambda d, img: ['--defense', 'argd', *folder(img)], "unknown defense 'argd'")
+            inputs['adv-share'] = (lambda d, img: ['--adv_share', 1.5, *folder(img)], '--adv_share must be in [0, 1]')
+            inputs['negative-rho'] = (lambda d, img: ['--rho', -1, *folder(img)], '--rho must be a finite number >= 0')
+            inputs['no-pgd-steps'] = (lambda d, img: ['--adv_steps', 0, *folder(img)], '--adv_steps must be >= 1')
+            inputs['unknown-source'] = (lambda d, img: ['--source', 'oracle', *folder(img)], "invalid choice: 'oracle'")
         if script == 'main_mcl.py':
             inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
             inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')

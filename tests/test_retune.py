@@ -88,3 +88,19 @@ def test_retune_fine_tunes_on_its_own_draw_and_writes_a_model_only_with_output(b
     assert summary(r2.stdout) == summary(r.stdout)  # seeded: the same run
     ckpt = torch.load(tmp_path / 'retuned.tar', weights_only=True)
     assert ckpt['meta']['retuned'] and ckpt['metrics']['ASR'] == summary(r.stdout)['ASR']
+
+
+@pytest.mark.slow
+def test_attack_from_scores_a_model_under_another_checkpoints_attack(backdoored, image_folder, tmp_path):
+    ckpt = torch.load(backdoored['path'], weights_only=True)
+    other = dict(ckpt['meta']['attack'], target_label=1)  # the same patch, another target
+    torch.save(dict(ckpt, meta=dict(ckpt['meta'], attack=other)), tmp_path / 'other.tar')
+    torch.save({'state_dict': ckpt['state_dict']}, tmp_path / 'no-meta.tar')
+    flags = ['--model', backdoored['path'], '--dataset', 'ImageFolder', '--data_root', image_folder]
+    r = run_script('evaluate.py', *flags, '--attack_from', tmp_path / 'other.tar', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 'scoring against the attack of' in r.stdout and 'target 1' in r.stdout
+    m = summary(r.stdout)
+    assert m['ASR'] <= 5 and m['ACC'] != backdoored['metrics']['ACC']  # class 1 is no target, and is now scored
+    r = run_script('retune.py', *flags, '--attack_from', tmp_path / 'no-meta.tar', cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().endswith('its meta holds no attack'), r.stderr

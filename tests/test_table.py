@@ -14,13 +14,19 @@ from conftest import ROOT, run_script
 from defenses import ATTACKS, DEFENSES
 
 
-def table_flags(backdoored, image_folder, tmp_path, seeds='0', retune=False):
-    """A table whose backdoored model is the fixture's, placed as the zoo's (reused, not retrained)."""
+TESTED = ('none', 'ft', 'nad', 'argd', 'mcl', 'floor')  # the new defenses run end to end in test_purify.py
+
+
+def table_flags(backdoored, image_folder, tmp_path, seeds='0', retune=False, clean=None):
+    """A table whose backdoored model is the fixture's, placed as the zoo's (reused, not retrained),
+    beside the clean control when given."""
     (tmp_path / 'w' / 'zoo').mkdir(parents=True, exist_ok=True)
     shutil.copy(backdoored['path'], tmp_path / 'w' / 'zoo' / 'badnet.tar')
+    if clean:
+        shutil.copy(clean['path'], tmp_path / 'w' / 'zoo' / 'clean.tar')
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'badnet', '--ratio', 0.5,
             '--seeds', seeds, '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results',
-            *([] if retune else ['--skip_retune'])]
+            '--defenses', ','.join(TESTED if clean else TESTED[:-1]), *([] if retune else ['--skip_retune'])]
 
 
 def read_rows(tmp_path):
@@ -33,18 +39,21 @@ def cells_of(rows):
 
 
 @pytest.mark.slow
-def test_table_fills_each_cell_once_and_resumes(backdoored, image_folder, tmp_path):
-    flags = table_flags(backdoored, image_folder, tmp_path, retune=True)
+def test_table_fills_each_cell_once_and_resumes(backdoored, clean_control, image_folder, tmp_path):
+    flags = table_flags(backdoored, image_folder, tmp_path, retune=True, clean=clean_control)
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
     rows = read_rows(tmp_path)
-    assert cells_of(rows) == [('badnet', d, '0') for d in DEFENSES]
+    assert cells_of(rows) == [('badnet', d, '0') for d in TESTED]
     assert float(rows[0]['ASR']) == backdoored['metrics']['ASR']
     assert all(float(row['ASR']) < float(rows[0]['ASR']) for row in rows[1:]), rows  # every defense lowers it
-    assert float(rows[0]['ASR_retuned']) >= 90 and all(row['ASR_retuned'] for row in rows)  # each model re-tuned
+    assert float(rows[0]['ASR_retuned']) >= 90 and all(row['ASR_retuned'] and row['RA_retuned'] for row in rows)
+    floor = rows[-1]  # the clean control under the row's trigger: its own scores, not the backdoored model's
+    assert floor['defense'] == 'floor' and float(floor['ASR']) == clean_control['metrics']['ASR'] <= 20
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert '| badnet [' in table and '—' not in table and '(n=1,' in table
-    assert not list((tmp_path / 'w').glob('table/*/badnet.tar'))  # the zoo's model, not a new one
+    assert '**badnet** [' in table and '| clean control |' in table and '| RA re-tuned |' in table
+    assert '—' not in table and '–' not in table.split('Settings:')[1] and ' | 1 | ' in table
+    assert not list((tmp_path / 'w').glob('table/*/*.tar'))  # the zoo's models, not new ones
 
     again = run_script('run_table.py', *flags)
     assert again.returncode == 0 and again.stdout.strip() == '', again.stdout
@@ -68,14 +77,14 @@ def test_two_workers_at_once_run_every_cell_exactly_once(backdoored, image_folde
     outputs = [w.communicate(timeout=900) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     done = [line.split()[:4] for out, _ in outputs for line in out.splitlines()]
-    expected = [('badnet', d, str(s)) for s in (0, 1) for d in DEFENSES]
+    expected = [('badnet', d, str(s)) for s in (0, 1) for d in TESTED[:-1]]
     assert sorted((a, d, s) for a, d, _, s in done) == sorted(expected)  # each cell run by one worker only
     assert all(out for out, _ in outputs), 'both workers took cells'
     rows = read_rows(tmp_path)
     assert cells_of(rows) == expected  # one row per cell, none lost by the concurrent writers
     assert len(list((tmp_path / 'w').glob('table/*/s1/badnet-ft.tar'))) == 1  # one teacher per seed
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert '± ' in table and '(n=2,' in table
+    assert '± ' in table and ' | 2 | ' in table
 
 
 @pytest.mark.slow
@@ -93,14 +102,14 @@ def test_a_killed_worker_cell_is_redone_by_the_next_run(backdoored, image_folder
     assert list(cells.glob('badnet-none-s0-*.json')) and not list(cells.glob('badnet-ft-s0-*.json'))
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
-    assert cells_of(read_rows(tmp_path)) == [('badnet', d, '0') for d in DEFENSES]
+    assert cells_of(read_rows(tmp_path)) == [('badnet', d, '0') for d in TESTED[:-1]]
 
 
 def test_shards_partition_the_cells(tmp_path):
     from run_table import all_cells
     cells = all_cells(['badnet', 'blended'], [0, 1, 2])
     shards = [cells[k::4] for k in range(4)]
-    assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 30
+    assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 2 * 3 * len(DEFENSES)
     r = run_script('run_table.py', '--shard', '4/4', '--table_dir', tmp_path / 'results', cwd=tmp_path)
     assert r.returncode == 2 and '--shard needs K/N with 0 <= K < N' in r.stderr
 
@@ -121,7 +130,7 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     from cli import parse_args
     calls = []
     monkeypatch.setattr(defenses, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
-                        ({'ACC': 1.0, 'ASR': 2.0}, 1.0))
+                        ({'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0))
     args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--model_seed', 3,
                                        '--checkpoint_root', tmp_path])
     defenses.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
@@ -137,7 +146,8 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_a_rerun_with_another_ratio_makes_new_cells_and_leaves_the_old_ones(backdoored, image_folder, tmp_path):
-    flags = [*table_flags(backdoored, image_folder, tmp_path), '--defenses', 'none,ft']
+    flags = table_flags(backdoored, image_folder, tmp_path)
+    flags[flags.index('--defenses') + 1] = 'none,ft'
     r = run_script('run_table.py', *flags)
     assert r.returncode == 0, r.stderr
     cells = tmp_path / 'results' / 'cells'
@@ -150,4 +160,4 @@ def test_a_rerun_with_another_ratio_makes_new_cells_and_leaves_the_old_ones(back
     ratios = sorted({json.loads(data)['settings']['ratio'] for data in after.values()})
     assert ratios == [0.25, 0.5]
     table = (tmp_path / 'results' / 'table.md').read_text()
-    assert table.count('| badnet [') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table
+    assert table.count('**badnet** [') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table

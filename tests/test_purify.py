@@ -1,0 +1,207 @@
+"""The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, SAU's
+masks and losses, PGD's bounds, MCL-TK's loss) and each defense end to end on the planted backdoor."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import run_script, summary
+from mcl import contrastive_loss, keep_target_loss
+from purify import (fst_penalty, js_divergence, keep_norm, path_aware_point, pgd_untargeted, reinit_head,
+                    shared_mask, shared_unlearning_loss, with_adversarial_share, with_pattern_share)
+from utils import train_epoch
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_path_aware_point_moves_rho_towards_the_backdoored_weights_and_restores_exactly():
+    net = tiny_net()
+    params = list(net.parameters())
+    bd = [p.detach().clone() + torch.randn_like(p) for p in params]  # theta_bd, away from theta
+    theta = [p.detach().clone() for p in params]
+    dist = torch.sqrt(sum(((b - t) ** 2).sum() for b, t in zip(bd, theta)))
+    with path_aware_point(params, bd, 0.5):
+        moved = [p.detach().clone() for p in params]
+    for m, t, b in zip(moved, theta, bd):
+        assert torch.allclose(m, t + 0.5 * (b - t) / dist, atol=1e-6)
+    assert all(torch.equal(p, t) for p, t in zip(params, theta))  # bit-exact, not theta + e - e
+    moved_by = torch.sqrt(sum(((m - t) ** 2).sum() for m, t in zip(moved, theta)))
+    assert abs(float(moved_by) - 0.5) < 1e-5
+    with path_aware_point(params, theta, 0.5):  # at theta_bd itself the direction is zero: no move
+        assert all(torch.equal(p, t) for p, t in zip(params, theta))
+
+
+def test_a_pam_step_applies_the_gradient_of_the_moved_point_at_the_weights():
+    net = tiny_net()
+    params = list(net.parameters())
+    bd = [p.detach().clone() + 0.3 * torch.randn_like(p) for p in params]
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    theta = [p.detach().clone() for p in params]
+    # the expected step: the gradient of a copy moved to the path-aware point, taken from theta
+    probe = copy.deepcopy(net)
+    dist = torch.sqrt(sum(((b - t) ** 2).sum() for b, t in zip(bd, theta)))
+    with torch.no_grad():
+        for p, t, b in zip(probe.parameters(), theta, bd):
+            p.copy_(t + 0.5 * (b - t) / dist)
+    grads = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    opt = torch.optim.SGD(params, lr=0.1)
+    train_epoch(net, opt, lambda xb, yb: F.cross_entropy(net(xb), yb), [(x, y)], 0.1, False,
+                gradient_point=lambda: path_aware_point(params, bd, 0.5))
+    for p, t, g in zip(params, theta, grads):
+        assert torch.allclose(p.detach(), t - 0.1 * g, atol=1e-6)
+    # and it is not plain SGD: the gradient at theta itself differs
+    at_theta = copy.deepcopy(probe)
+    with torch.no_grad():
+        for p, t in zip(at_theta.parameters(), theta):
+            p.copy_(t)
+    plain = torch.autograd.grad(F.cross_entropy(at_theta(x), y), list(at_theta.parameters()))
+    assert max(float((g - h).abs().max()) for g, h in zip(grads, plain)) > 1e-3
+
+
+def test_fst_penalty_and_the_kept_head_norm():
+    w = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    w_orig = torch.tensor([[0.5, 0.0], [1.0, 2.0]])
+    assert float(fst_penalty(w, w_orig, 0.1)) == pytest.approx(0.1 * (0.5 + 3.0 - 2.0))
+    keep_norm(w, torch.tensor(2.0))
+    assert float(w.norm()) == pytest.approx(2.0)
+    assert torch.allclose(w / w.norm(), torch.tensor([[1.0, 2.0], [3.0, -1.0]]) / 15 ** 0.5)  # direction kept
+    head = nn.Linear(64, 10)
+    reinit_head(head, torch.Generator().manual_seed(0))
+    assert head.weight.abs().max() <= 1 / 8 and head.bias.abs().max() <= 1 / 8 and head.weight.std() > 0.05
+
+
+def test_fst_penalty_gradient_turns_the_head_away_from_the_original():
+    w_orig = torch.randn(10, 64)
+    w = w_orig.clone().requires_grad_(True)
+    fst_penalty(w, w_orig, 0.2).backward()
+    assert torch.allclose(w.grad, 0.2 * w_orig)  # descending it lowers <W, W_orig>
+
+
+def test_sau_shared_mask_on_hand_made_predictions():
+    pred = torch.tensor([1, 2, 0, 3, 1])
+    pred_ref = torch.tensor([1, 2, 1, 3, 0])
+    clean = torch.tensor([0, 2, 0, 0, 0])
+    clean_ref = torch.tensor([0, 0, 0, 0, 1])
+    # 0: both moved to 1 (shared); 1: current model not moved; 2: current not moved;
+    # 3: both moved to 3 (shared); 4: both moved, to different labels
+    assert shared_mask(pred, pred_ref, clean, clean_ref).tolist() == [True, False, False, True, False]
+
+
+def test_sau_unlearning_loss_value_and_mask():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.9995, 0.0004, 0.0001]]))
+    y = torch.tensor([0, 1, 2, 1])
+    pred_ref_adv = torch.tensor([1, 1, 0, 2])  # image 1: the reference was not fooled (its true label)
+    clean_ref = torch.tensor([0, 1, 0, 1])     # image 2: fooled into 0, but 0 was its clean prediction: not moved
+    loss = shared_unlearning_loss(logits, pred_ref_adv, y, clean_ref)  # image 3: p_k = 0.0001 < 0.001, dropped
+    assert loss.item() == pytest.approx(-torch.log(torch.tensor(0.8)).item() / 4, rel=1e-4)  # only image 0: 1 - 0.2
+    assert shared_unlearning_loss(logits, y, y, clean_ref).item() == 0.0
+
+
+def test_sau_unlearning_loss_keeps_its_gradient_on_a_saturated_model():
+    logits = torch.tensor([[30.0, 0.0, 0.0]], requires_grad=True)  # p_0 = 1 - 2e-13: 1.0 in float
+    loss = shared_unlearning_loss(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(30 - float(torch.log(torch.tensor(2.0))), rel=1e-4)
+    assert logits.grad[0, 0] > 0.9  # descending it lowers the adversarial label's logit
+
+
+def test_js_divergence_is_zero_for_equal_and_symmetric_and_bounded():
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    assert torch.allclose(js_divergence(a, a), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(js_divergence(a, b), js_divergence(b, a), atol=1e-6)
+    far = js_divergence(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
+    assert float(far) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-3)
+
+
+def test_pgd_stays_in_the_ball_and_the_image_range_and_raises_the_loss():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).train()
+    x = torch.rand(32, 3, 4, 4)
+    y = net(x).argmax(1)
+    adv = pgd_untargeted(net, x, y, lambda t: t, 0.1, 0.03, 5, torch.Generator().manual_seed(0))
+    assert net.training  # left as it was
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert F.cross_entropy(net(adv), y) > F.cross_entropy(net(x), y) + 0.05
+    mixed = with_adversarial_share(net, x, y, lambda t: t, 0.25, 0.1, 0.03, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed[8:], x[8:]) and not torch.equal(mixed[:8], x[:8])  # exactly a quarter replaced
+    pattern = torch.zeros(3, 4, 4)
+    pattern[:, 0, 0] = 1.0
+    stamped = with_pattern_share(x, pattern, 0.25)
+    assert torch.equal(stamped[8:], x[8:]) and (stamped[:8, :, 0, 0] == 1).all()
+
+
+class Feats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.fc = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x, features=False):
+        f = torch.relu(self.body(x.flatten(1)))
+        return (self.fc(f), None, f) if features else self.fc(f)
+
+
+def test_mcl_tk_leaves_the_target_images_out_of_the_contrastive_term_and_adds_clean_ce():
+    net = Feats()
+    x01 = torch.rand(6, 3, 2, 2)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    pattern = torch.zeros(3, 2, 2)
+    pattern[:, 0, 0] = 0.5
+    pos, neg = torch.randn(6, 6), torch.randn(6, 6)
+    pushed = torch.tensor([False, True, True, False, True, True])
+    loss = keep_target_loss(net, x01, y, pattern, lambda t: t, pos, neg, pushed, 0.5)
+    _, _, f_trig = net((x01 + pattern).clamp(0, 1), features=True)
+    expect = contrastive_loss(f_trig[pushed], pos[pushed], neg[pushed], 0.5) + F.cross_entropy(net(x01), y)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    # changing the left-out rows' frozen features changes nothing
+    pos2, neg2 = pos.clone(), neg.clone()
+    pos2[~pushed], neg2[~pushed] = 100.0, -100.0
+    assert keep_target_loss(net, x01, y, pattern, lambda t: t, pos2, neg2, pushed, 0.5).item() == pytest.approx(loss.item())
+    nobody = keep_target_loss(net, x01, y, pattern, lambda t: t, pos, neg, torch.zeros(6, dtype=torch.bool), 0.5)
+    assert float(nobody) == pytest.approx(float(F.cross_entropy(net(x01), y)), rel=1e-5)
+
+
+def common(backdoored, image_folder, tmp_path):
+    return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model', backdoored['path'], '--ratio', 0.5,
+            '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path / 'logs']
+
+
+# each defense at its recipe with fewer epochs and a toy-sized batch (200 clean images)
+END_TO_END = {
+    'ft-at': ['--epochs', 4, '--batch_size', 32],
+    'pam': ['--epochs', 8, '--batch_size', 32, '--lr', 0.05],
+    'pam-inverted': ['--defense', 'pam', '--source', 'inverted', '--epochs', 8, '--batch_size', 32, '--lr', 0.05],
+    'fst': ['--epochs', 6, '--batch_size', 32],
+    'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(END_TO_END))
+def test_each_fine_tuning_defense_erases_the_planted_backdoor(name, backdoored, image_folder, tmp_path):
+    flags = END_TO_END[name]
+    defense = [] if '--defense' in flags else ['--defense', name]
+    r = run_script('main_ft.py', *common(backdoored, image_folder, tmp_path), *defense, *flags)
+    assert r.returncode == 0, r.stderr
+    m = summary(r.stdout)
+    assert backdoored['metrics']['ASR'] >= 90 and m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
+    d = name.split('-inverted')[0]
+    assert (tmp_path / 'w' / f'{d}_net' / 'bd.tar').exists() and (tmp_path / 'logs' / f'{d}_bd.csv').exists()
+    if name == 'pam-inverted':
+        assert "synthesised trigger: class 0's inverted pattern" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_mcl_tk_erases_and_keeps_the_target_class(backdoored, image_folder, tmp_path):
+    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--batch_size', 32, '--mcl_target', 0,
+                   '--keep_target', '--epochs', 8, '--inv_epochs', 20, '--inv_patience', 6)
+    assert r.returncode == 0, r.stderr
+    assert 'MCL-TK:' in r.stdout and 'left out of the contrastive term' in r.stdout
+    m = summary(r.stdout)
+    assert m['ASR'] <= 20 and m['ACC'] >= 80 and m['ACC_target'] >= 80, r.stdout
+    assert (tmp_path / 'w' / 'mcl-tk_net' / 'bd.tar').exists() and (tmp_path / 'logs' / 'mcl-tk_bd.csv').exists()
