@@ -102,6 +102,8 @@ def _distill(a):
     a('--qk_dim', type=int, help='ARGD: query/key dimension of the embedding loss')
     a('--train_projections', action='store_true', help="ARGD: optimise the embedding loss's query/key projections "
       'with the student (the reference leaves them at their random initialisation)')
+    a('--source', choices=('none', 'inverted'), help="inverted: MCL's detection's pattern (a synthesised trigger) "
+      'stamped on --adv_share of each batch at true labels, besides the distillation (not in the papers)')
 
 
 def _mcl(a):
@@ -125,12 +127,9 @@ def _ft(a):
       "pattern of MCL's target detection (a synthesised trigger) stamped on them")
     a('--adv_against', choices=('original', 'current'), help="FT-AT/PAM: PGD against the model as given, or as "
       'it is being tuned')
-    a('--adv_share', type=float, help='FT-AT/PAM: share of each batch replaced by PGD images at their true labels')
     a('--adv_eps', type=float, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
     a('--adv_step', type=float, help='FT-AT/PAM: PGD step size')
     a('--adv_steps', type=int, help='PGD steps')
-    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones '
-      'where the gradient is taken')
     a('--alpha', type=float, help='FST: weight of the inner product of the new head with the original head')
     a('--sau_beta_adv', type=float, help='SAU: weight of the adversarial term of the shared PGD')
     a('--sau_beta_shared', type=float, help='SAU: weight of the agreement (JS) term of the shared PGD')
@@ -142,6 +141,16 @@ def _interpolate(a):
     a('--from', dest='start', help='the backdoored checkpoint the defense started from (the start of the path)')
     a('--points', type=int, help='points on the path, both ends included')
     a('--eval_subset', type=int, help='score a fixed random N images of each test set at each point (0 = all)')
+
+
+def _share(a):
+    a('--adv_share', type=float, help='share of each batch replaced by PGD or synthesised-trigger images at their '
+      'true labels')
+
+
+def _rho(a):
+    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones where '
+      'the gradient is taken (0: plain gradient)')
 
 
 def _attack_from(a):
@@ -207,12 +216,12 @@ SCRIPTS = {
                         (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.TRAIN_BADNET)),
     'train_teacher.py': ((_run, _model, _attack, _train, _defense, _teacher),
                          (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.TRAIN_TEACHER)),
-    'main-ARGD.py': ((_run, _model, _attack, _schedule, _train, _defense, _teacher, _distill),
-                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD)),
-    'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl),
+    'main-ARGD.py': ((_run, _model, _attack, _schedule, _train, _defense, _teacher, _distill, _share, _rho),
+                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD, C.SHARE)),
+    'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl, _rho),
                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_MCL)),
-    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft),
-                   (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_FT)),
+    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft, _share, _rho),
+                   (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_FT, C.SHARE)),
     'evaluate.py': ((_run, _model, _attack, _evaluate, _attack_from), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE,
                                                                       C.ATTACK_FROM)),
     'retune.py': ((_run, _model, _attack, _schedule, _train, _retune, _attack_from),

@@ -110,6 +110,8 @@ MAIN_ARGD = dict(
     w_emb=1.0,                 # ARGD: weight of the embedding (cross-layer attention) loss
     qk_dim=128,                # ARGD: query/key size of the embedding loss
     train_projections=False,   # ARGD: optimise the embedding's projections (the reference leaves them random)
+    source='none',             # none (the papers), or inverted: a synthesised trigger on SHARE of each batch, true labels
+    rho=0.0,                   # > 0: the gradient taken rho towards the backdoored weights (PAM's step); 0 = the papers
 )
 
 # ============================================================================ main_mcl.py
@@ -126,10 +128,12 @@ MAIN_MCL = dict(
     asr_bound=0.9,             # success a pattern must reach to count
     init_cost=1e-3,            # initial weight of the pattern-size penalty
     force=False,               # erase even when no target is detected (with the smallest pattern's class)
+    rho=0.0,                   # > 0: the gradient taken rho towards the backdoored weights (PAM's step); 0 = the paper
     keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
 
 # ============================================================================ main_ft.py (FT-AT, PAM, FST, SAU)
+SHARE = dict(adv_share=0.2)   # main_ft.py, main-ARGD.py: share of each batch replaced at true labels (PAM's 20% + 1)
 MAIN_FT = dict(
     defense='pam',             # ft-at, pam, fst or sau (see FT_RECIPES)
     epochs=None,               # None: the defense's recipe (FT_RECIPES), as for --lr, --batch_size, --momentum, --weight_decay
@@ -138,7 +142,6 @@ MAIN_FT = dict(
     weight_decay=None,
     source='pgd',              # FT-AT/PAM's images: pgd (untargeted, per batch) or inverted (MCL's detection's pattern)
     adv_against='original',    # FT-AT/PAM's PGD attacks the model as given (original) or as it is being tuned (current)
-    adv_share=0.2,             # FT-AT/PAM: share of each batch replaced by PGD images at true labels (PAM's 20% + 1)
     adv_eps=0.2,               # L_inf bound of every PGD here, [0,1]-pixel units (SAU's trigger_norm)
     adv_step=0.05,             # FT-AT/PAM: PGD step (eps/4, random start); SAU steps by adv_eps from the corner
     adv_steps=5,               # PGD steps (SAU's adv_steps)
@@ -193,7 +196,7 @@ BENCHMARK = dict(
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(
     attacks='badnet,blended,sig-cl,wanet',  # rows, see defenses.ATTACKS (trojan needs --trojan_pattern)
-    defenses='none,ft,nad,argd,mcl,mcl-tk,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
+    defenses='none,ft,nad,argd,mcl,mcl-tk,argd-si,argd-si-pam,mcl-pam,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
     seeds='0',                 # comma-separated defense seeds: the clean subset, teacher and initialisation
     model_seed=0,              # the backdoored models' seed (0: the zoo's models where they exist)
     shard=None,                # K/N: only the K-th (from 0) of N fixed slices of the cells (job arrays)

@@ -21,9 +21,17 @@ from argd import ARGDLoss
 from at import nad_loss
 from cli import main_guard, parse_args
 from config import DEFENSE_SCHEDULES
+from data_loader import Normalizer
 from files import check_writable
+from mcl import synthesised_trigger
+from purify import path_aware, with_pattern_share
 from teacher import distillation_batches, finetune, teacher_path
 from utils import defender_check, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
+
+
+def variant_suffix(args):
+    """-si with a synthesised trigger, -pam with the path-aware gradient: the variants' own file names."""
+    return ('-si' if args.source == 'inverted' else '') + ('-pam' if args.rho else '')
 
 
 def main():
@@ -34,9 +42,9 @@ def main():
     run = defense_setup(args)
     student, data = run.model, run.data
     t_path = teacher_path(args, run.s_name)
-    suffix = '' if args.defense == 'argd' else f'-{args.defense}'
+    suffix = ('' if args.defense == 'argd' else f'-{args.defense}') + variant_suffix(args)
     out = args.output or os.path.join(args.checkpoint_root, 'erasing_net', f'{run.s_name}{suffix}.tar')
-    csv_path = os.path.join(args.log_root, f'{args.defense}_{run.s_name}.csv')
+    csv_path = os.path.join(args.log_root, f'{args.defense}{variant_suffix(args)}_{run.s_name}.csv')
     for path in (out, csv_path, t_path):
         check_writable(path)
 
@@ -64,11 +72,17 @@ def main():
             _, feats_t, _ = teacher(x, features=True)
         return F.cross_entropy(logits, y) + criterion(feats_s, feats_t)
 
+    batches = distillation_batches(args, run)
+    if args.source == 'inverted':  # not in the papers: a synthesised trigger at true labels, on both networks
+        pattern, raw = synthesised_trigger(run, args.seed, args.amp), Normalizer('none', run.device)
+        batches = lambda epoch: ((data.normalizer.normalize_float(with_pattern_share(x01, pattern, args.adv_share)), y)
+                                 for x01, y in distillation_batches(args, run, raw)(epoch))
     params = list(student.parameters()) + [p for m in extra.values() for p in m.parameters() if p.requires_grad]
     lr_at = lambda epoch: step_lr(args.lr, epoch, schedule['milestones'], schedule['factors'])
-    metrics = fit(args, student, loss_fn, distillation_batches(args, run), lr_at, data.test, data.normalizer,
+    metrics = fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer,
                   out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
-                  extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
+                  extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense,
+                  gradient_point=path_aware(student, args.rho))
     defender_check(run, student, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))

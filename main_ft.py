@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from cli import main_guard, parse_args
-from config import DEFENSE_SCHEDULES, FT_RECIPES, MAIN_MCL
+from config import DEFENSE_SCHEDULES, FT_RECIPES
 from data_loader import Normalizer, seeded, train_batches
 from files import check_writable
-from mcl import find_target
-from purify import (fst_penalty, keep_norm, parameter_norm, path_aware_point, pgd_untargeted, reinit_head, shared_pgd,
+from mcl import synthesised_trigger
+from purify import (fst_penalty, keep_norm, path_aware, pgd_untargeted, reinit_head, shared_pgd,
                     shared_unlearning_loss, with_adversarial_share, with_pattern_share)
 from utils import autocast, cosine_lr, defender_check, defense_meta, defense_setup, fit, predict, step_lr, summary_line
 
@@ -76,22 +76,6 @@ def lr_schedule(args, recipe):
     return lambda epoch: args.lr
 
 
-def inverted_pattern(args, run):
-    """The synthesised trigger of --source inverted: MCL's target detection (all classes, its short
-    budget), and the pattern of the class it flags, or of the smallest pattern's class if none stands out
-    (a blind defender cannot tell; stamping a small pattern at true labels costs little)."""
-    m = MAIN_MCL
-    label, index, _, smallest, patterns = find_target(run.model, run.x, run.data.normalizer, run.data.num_classes,
-                                                      m['detect_epochs'], m['batch_size'], m['inv_patience'],
-                                                      m['asr_bound'], m['init_cost'], args.seed, args.amp)
-    chosen = smallest if label is None else label
-    pattern, info = patterns[chosen]
-    why = 'no class detected: the smallest pattern' if label is None else f'detected, anomaly index {index:.2f}'
-    print(f"synthesised trigger: class {chosen}'s inverted pattern ({why}; {info['pixels']} pixels, "
-          f"L1 {info['l1']:.2f})", flush=True)
-    return pattern
-
-
 def main():
     args = parse_args('main_ft.py', description=__doc__.split('\n\n')[0])
     recipe = apply_recipe(args)
@@ -114,7 +98,8 @@ def main():
     torch.manual_seed(args.seed)
 
     if args.defense in ('ft-at', 'pam'):
-        clean_batches, pattern = batches, inverted_pattern(args, run) if args.source == 'inverted' else None
+        clean_batches = batches
+        pattern = synthesised_trigger(run, args.seed, args.amp) if args.source == 'inverted' else None
         # PGD against the model as given: its adversarial directions are the backdoor's (on the zoo's Blended
         # model 244 of 256 land on the target); the model being purified soon has only generic ones
         attacked = copy.deepcopy(model).eval().requires_grad_(False) if args.adv_against == 'original' else model
@@ -132,11 +117,7 @@ def main():
                                                      args.adv_step, args.adv_steps, g)
                 yield x01, y
         if args.defense == 'pam':
-            params = list(model.parameters())
-            params_bd = [p.detach().clone() for p in params]
-            print(f'PAM: rho {args.rho:g} in a parameter space of norm {parameter_norm(params_bd):.2f} '
-                  f'({args.rho / parameter_norm(params_bd):.4f} of it)')
-            gradient_point = lambda: path_aware_point(params, params_bd, args.rho)
+            gradient_point = path_aware(model, args.rho)
     elif args.defense == 'fst':
         head = model.fc
         w_orig, head_norm = head.weight.detach().clone(), head.weight.detach().float().norm()

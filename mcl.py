@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import MAIN_MCL
 from utils import autocast
 
 EPS = 1e-7
@@ -167,6 +168,23 @@ def find_target(model, x, normalizer, num_classes, passes, batch_size, patience,
     label, index, indices = detect_target(norms)
     print('anomaly index per class: ' + ' '.join(f'{c}:{v:.2f}' for c, v in enumerate(indices)))
     return label, index, float(max(indices)), min(range(len(norms)), key=norms.__getitem__), patterns
+
+
+def synthesised_trigger(run, seed, amp):
+    """A blind defender's stand-in for the trigger: MCL's target detection on the defender's clean subset
+    (every class, config.MAIN_MCL's budget) and the pattern of the class it flags, or of the smallest
+    pattern's class when none stands out (the defender cannot tell; a small pattern stamped at true
+    labels costs little). run: utils.defense_setup's."""
+    m = MAIN_MCL
+    label, index, _, smallest, patterns = find_target(run.model, run.x, run.data.normalizer, run.data.num_classes,
+                                                      m['detect_epochs'], m['batch_size'], m['inv_patience'],
+                                                      m['asr_bound'], m['init_cost'], seed, amp)
+    chosen = smallest if label is None else label
+    pattern, info = patterns[chosen]
+    why = 'no class detected: the smallest pattern' if label is None else f'detected, anomaly index {index:.2f}'
+    print(f"synthesised trigger: class {chosen}'s inverted pattern ({why}; {info['pixels']} pixels, "
+          f"L1 {info['l1']:.2f})", flush=True)
+    return pattern
 
 
 def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp=False):

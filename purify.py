@@ -85,6 +85,18 @@ def path_aware_point(params, params_bd, rho):
                 p.copy_(s)
 
 
+def path_aware(model, rho):
+    """PAM's gradient point for fit(): a function giving the context that moves the model's parameters rho
+    towards their values now (the backdoored weights, as the defense starts); None where rho is 0."""
+    if not rho:
+        return None
+    params = list(model.parameters())
+    params_bd = [p.detach().clone() for p in params]
+    norm = parameter_norm(params_bd)
+    print(f'path-aware gradient: rho {rho:g} in a parameter space of norm {norm:.2f} ({rho / norm:.4f} of it)')
+    return lambda: path_aware_point(params, params_bd, rho)
+
+
 def parameter_norm(params):
     return float(torch.sqrt(sum(p.detach().float().pow(2).sum() for p in params)))
 

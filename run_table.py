@@ -25,7 +25,7 @@ import sys
 import torch
 
 from cli import UserError, main_guard, parse_args
-from defenses import ATTACKS, DEFENSES, cell_commands, cell_settings, locked, short_hash
+from defenses import ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, locked, short_hash
 from files import atomic_write_bytes, write_csv
 
 COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
@@ -94,7 +94,8 @@ def write_markdown(rows, path):
                          if any(r.get(k) is not None for r in got) else '–' for k, _ in SHOWN]
                 warned = ' ⚠' * any(r.get('warning') for r in got)
                 seconds = statistics.mean(float(r['seconds']) for r in got)
-                lines.append(f"| {spec['label']}{warned} | " + ' | '.join(shown) + f' | {len(got)} | {seconds:.0f} |')
+                told = '' if d in BLIND or d in ('none', 'floor') else ' (told the target)'
+                lines.append(f"| {spec['label']}{told}{warned} | " + ' | '.join(shown) + f' | {len(got)} | {seconds:.0f} |')
         first = {r['settings_key']: r for r in reversed(group)}
         lines += [''] + [f"[{key}] " + json.dumps({k: v for k, v in first[key]['settings'].items()
                                                     if k in MODEL_KEYS and v is not None}) for key in models]

@@ -17,11 +17,12 @@ def teacher_path(args, s_name):
     return args.t_model or os.path.join(args.checkpoint_root, 't_net', f'{s_name}.tar')
 
 
-def distillation_batches(args, run):
+def distillation_batches(args, run, normalizer=None):
     """The distillation defenses' data (NAD/ARGD get_train_loader): crop + flip + Cutout, and no
-    ragged last batch, which at lr 0.1 would be one large step on a handful of images."""
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, run.data.normalizer, args.seed, epoch,
-                                       drop_last=True, cutout=args.cutout)
+    ragged last batch, which at lr 0.1 would be one large step on a handful of images. normalizer:
+    the model's (default) or another (raw [0,1] where images are changed before normalising)."""
+    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
+                                       epoch, drop_last=True, cutout=args.cutout)
 
 
 def finetune(args, run, model, out, csv_path, tag='teacher'):
