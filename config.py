@@ -136,10 +136,10 @@ MAIN_MCL = dict(
 SHARE = dict(adv_share=0.2)   # main_ft.py, main-ARGD.py: share of each batch replaced at true labels (PAM's 20% + 1)
 MAIN_FT = dict(
     defense='pam',             # ft-at, pam, fst or sau (see FT_RECIPES)
-    epochs=None,               # None: the defense's recipe (FT_RECIPES), as for --lr, --batch_size, --momentum, --weight_decay
-    lr=None,
-    batch_size=None,
-    weight_decay=None,
+    epochs=None,               # None: the defense's recipe (FT_RECIPES); so are the next three and --momentum
+    lr=None,                   # None: the recipe's
+    batch_size=None,           # None: the recipe's
+    weight_decay=None,         # None: the recipe's
     source='pgd',              # FT-AT/PAM's images: pgd (untargeted, per batch) or inverted (MCL's detection's pattern)
     adv_against='original',    # FT-AT/PAM's PGD attacks the model as given (original) or as it is being tuned (current)
     adv_eps=0.2,               # L_inf bound of every PGD here, [0,1]-pixel units (SAU's trigger_norm)
@@ -152,20 +152,21 @@ MAIN_FT = dict(
     sau_lmd_shared=1.0,        # SAU: weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
 )
 # the published optimisation of each, on ResNet-18 (README and scripts of their code); epochs are cut
-# where the reference's count does not fit 5 minutes on a 2-core CPU (said in a comment)
+# where the reference's count does not fit 5 minutes on a 2-core CPU (said in a comment); drop_last:
+# no ragged last batch (the SGD recipes, as every defense here; BackdoorBench's SAU keeps it)
 FT_RECIPES = {
     # the blind baseline: exactly FT's recipe (TEACHER), with the adversarial share added
     'ft-at': dict(epochs=10, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                  optimizer='sgd', schedule='finetune', augment=True, cutout=3),
+                  optimizer='sgd', schedule='finetune', augment=True, cutout=3, drop_last=True),
     # btidbfu.py: SGD lr 0.01 momentum 0.1, batch 128, 30 epochs per round (x 3 rounds there: 1 here)
     'pam': dict(epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False, weight_decay=0.0,
-                optimizer='sgd', schedule='constant', augment=True, cutout=0),
+                optimizer='sgd', schedule='constant', augment=True, cutout=0, drop_last=True),
     # ft.py --ft_mode fst: SGD lr 0.01 momentum 0.9, no weight decay, cosine over 10 epochs, batch 128
     'fst': dict(epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0,
-                optimizer='sgd', schedule='cosine', augment=True, cutout=0),
+                optimizer='sgd', schedule='cosine', augment=True, cutout=0, drop_last=True),
     # BackdoorBench sau: Adam lr 1e-4, cosine, batch 256, no augmentation, BN frozen; 100 rounds there, 12 here
     'sau': dict(epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0,
-                optimizer='adam', schedule='cosine', augment=False, cutout=0),
+                optimizer='adam', schedule='cosine', augment=False, cutout=0, drop_last=False),
 }
 
 # ============================================================================ retune.py

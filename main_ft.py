@@ -1,13 +1,15 @@
 """Erase a backdoor by fine-tuning past superficial safety: PAM (default), FST, SAU, or the blind
-adversarial baseline FT-AT. Each sees only the defender's clean subset (--ratio); none is told the
+baselines FT-AT and FT-SI. Each sees only the defender's clean subset (--ratio); none is told the
 trigger or the target.
 
     python main_ft.py --s_model weight/zoo/blended.tar --data_root /tmp/data/cifar10                # PAM
     python main_ft.py --defense fst --s_model weight/zoo/sig-cl.tar --data_root /tmp/data/cifar10
     python main_ft.py --defense ft-at --s_model weight/zoo/blended.tar --data_root /tmp/data/cifar10
+    python main_ft.py --defense ft-at --source inverted --s_model weight/zoo/blended.tar ...       # FT-SI
 
 - ft-at: FT's recipe (train_teacher.py) with --adv_share of each batch replaced by untargeted PGD images
-  (L_inf --adv_eps) at their true labels.
+  (L_inf --adv_eps) of the model as given (--adv_against original) at their true labels; with --source
+  inverted (FT-SI) the share is stamped instead with MCL's detection's pattern, a synthesised trigger.
 - pam: the same images, the cross-entropy gradient taken --rho towards the backdoored weights (Min et
   al., NeurIPS 2024); SGD lr 0.01, momentum 0.1, 30 epochs, batch 128.
 - fst: re-initialised head, cross-entropy + --alpha <W, W_orig>, the head's norm kept (Min et al.,
@@ -15,8 +17,8 @@ trigger or the target.
 - sau: shared adversarial unlearning (Wei et al., NeurIPS 2023); Adam lr 1e-4, cosine, batch 256, BN
   frozen, 12 epochs (the reference's 100 do not fit 5 minutes here).
 Recipes: config.FT_RECIPES; a flag (--epochs, --lr, --batch_size, --momentum, --weight_decay) overrides
-its number. The final model goes to <checkpoint_root>/<defense>_net/<s_name>.tar (never picked by test
-metrics), the per-epoch CSV to <log_root>/<defense>_<s_name>.csv.
+its number. The final model goes to <checkpoint_root>/<tag>_net/<s_name>.tar (never picked by test
+metrics), the per-epoch CSV to <log_root>/<tag>_<s_name>.csv; tag = the defense, ft-si or pam-si.
 """
 import copy
 import os
@@ -53,7 +55,7 @@ def report_pgd_labels(model, run, norm, args):
     g = seeded(args.seed, 'pgd-report')
     with autocast(run.device, args.amp):
         adv = pgd_untargeted(model, x01, run.y[:256], norm, args.adv_eps, args.adv_step, args.adv_steps, g)
-        labels = predict(model, adv, lambda t: norm(t), args.eval_batch_size, args.amp)
+        labels = predict(model, adv, norm, args.eval_batch_size, args.amp)
     counts = torch.bincount(labels, minlength=run.data.num_classes)
     top = int(counts.argmax())
     print(f'PGD images of {len(labels)} clean images land on class {top} for {int(counts[top])} of them '
@@ -92,7 +94,7 @@ def main():
     norm = data.normalizer.normalize_float
     batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, raw, args.seed, epoch,
                                           augment_data=recipe['augment'], cutout=recipe['cutout'],
-                                          drop_last=recipe['optimizer'] == 'sgd')
+                                          drop_last=recipe['drop_last'])
     loss_fn = lambda x01, y: F.cross_entropy(model(norm(x01)), y)
     gradient_point, after_step = None, None
     torch.manual_seed(args.seed)
@@ -102,8 +104,8 @@ def main():
         pattern = synthesised_trigger(run, args.seed, args.amp) if args.source == 'inverted' else None
         # PGD against the model as given: its adversarial directions are the backdoor's (on the zoo's Blended
         # model 244 of 256 land on the target); the model being purified soon has only generic ones
-        attacked = copy.deepcopy(model).eval().requires_grad_(False) if args.adv_against == 'original' else model
         if pattern is None:
+            attacked = copy.deepcopy(model).eval().requires_grad_(False) if args.adv_against == 'original' else model
             report_pgd_labels(attacked, run, norm, args)
 
         def batches(epoch):  # PGD against the weights as they are, before PAM moves them for its gradient

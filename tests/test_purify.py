@@ -1,6 +1,7 @@
 """The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, SAU's
 masks and losses, PGD's bounds, MCL-TK's loss) and each defense end to end on the planted backdoor."""
 import copy
+import json
 
 import pytest
 import torch
@@ -163,7 +164,7 @@ def test_mcl_tk_leaves_the_target_images_out_of_the_contrastive_term_and_adds_cl
     pos2[~pushed], neg2[~pushed] = 100.0, -100.0
     assert keep_target_loss(net, x01, y, pattern, lambda t: t, pos2, neg2, pushed, 0.5).item() == pytest.approx(loss.item())
     nobody = keep_target_loss(net, x01, y, pattern, lambda t: t, pos, neg, torch.zeros(6, dtype=torch.bool), 0.5)
-    assert float(nobody) == pytest.approx(float(F.cross_entropy(net(x01), y)), rel=1e-5)
+    assert nobody.item() == pytest.approx(F.cross_entropy(net(x01), y).item(), rel=1e-5)
 
 
 def common(backdoored, image_folder, tmp_path):
@@ -173,9 +174,9 @@ def common(backdoored, image_folder, tmp_path):
 
 # each defense at its recipe with fewer epochs and a toy-sized batch (200 clean images)
 END_TO_END = {
-    'ft-at': ['--epochs', 4, '--batch_size', 32],
+    'ft-at': ['--epochs', 6, '--batch_size', 32],
     'pam': ['--epochs', 8, '--batch_size', 32, '--lr', 0.05],
-    'pam-inverted': ['--defense', 'pam', '--source', 'inverted', '--epochs', 8, '--batch_size', 32, '--lr', 0.05],
+    'ft-si': ['--defense', 'ft-at', '--source', 'inverted', '--epochs', 6, '--batch_size', 32],
     'fst': ['--epochs', 6, '--batch_size', 32],
     'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
 }
@@ -185,14 +186,13 @@ END_TO_END = {
 @pytest.mark.parametrize('name', list(END_TO_END))
 def test_each_fine_tuning_defense_erases_the_planted_backdoor(name, backdoored, image_folder, tmp_path):
     flags = END_TO_END[name]
-    defense = [] if '--defense' in flags else ['--defense', name]
+    defense = [] if '--defense' in flags else ['--defense', name]  # ft-si is ft-at with --source inverted
     r = run_script('main_ft.py', *common(backdoored, image_folder, tmp_path), *defense, *flags)
     assert r.returncode == 0, r.stderr
     m = summary(r.stdout)
     assert backdoored['metrics']['ASR'] >= 90 and m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
-    d = name.split('-inverted')[0]
-    assert (tmp_path / 'w' / f'{d}_net' / 'bd.tar').exists() and (tmp_path / 'logs' / f'{d}_bd.csv').exists()
-    if name == 'pam-inverted':
+    assert (tmp_path / 'w' / f'{name}_net' / 'bd.tar').exists() and (tmp_path / 'logs' / f'{name}_bd.csv').exists()
+    if name == 'ft-si':
         assert "synthesised trigger: class 0's inverted pattern" in r.stdout, r.stdout
 
 
@@ -205,3 +205,36 @@ def test_mcl_tk_erases_and_keeps_the_target_class(backdoored, image_folder, tmp_
     m = summary(r.stdout)
     assert m['ASR'] <= 20 and m['ACC'] >= 80 and m['ACC_target'] >= 80, r.stdout
     assert (tmp_path / 'w' / 'mcl-tk_net' / 'bd.tar').exists() and (tmp_path / 'logs' / 'mcl-tk_bd.csv').exists()
+
+
+@pytest.mark.slow
+def test_argd_and_mcl_with_a_synthesised_trigger_and_the_path_aware_step(backdoored, image_folder, tmp_path):
+    r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path), '--batch_size', 32, '--source',
+                   'inverted', '--rho', 0.5)
+    assert r.returncode == 0, r.stderr
+    assert 'synthesised trigger: class 0' in r.stdout and 'path-aware gradient: rho 0.5' in r.stdout, r.stdout
+    m = summary(r.stdout)
+    assert m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
+    assert (tmp_path / 'w' / 'erasing_net' / 'bd-si-pam.tar').exists() and (tmp_path / 'logs' / 'argd-si-pam_bd.csv').exists()
+    r = run_script('main_mcl.py', *common(backdoored, image_folder, tmp_path), '--batch_size', 32, '--mcl_target', 0,
+                   '--rho', 0.5, '--epochs', 8, '--inv_epochs', 20, '--inv_patience', 6)
+    assert r.returncode == 0, r.stderr
+    assert summary(r.stdout)['ASR'] <= 20 and (tmp_path / 'w' / 'mcl-pam_net' / 'bd.tar').exists(), r.stdout
+
+
+@pytest.mark.slow
+def test_interpolation_runs_from_the_backdoored_to_the_defended_model(backdoored, image_folder, tmp_path):
+    flags = common(backdoored, image_folder, tmp_path)
+    r = run_script('main_ft.py', *flags, '--defense', 'fst', '--epochs', 6, '--batch_size', 32)
+    assert r.returncode == 0, r.stderr
+    defended = summary(r.stdout)
+    r = run_script('interpolate.py', '--model', tmp_path / 'w' / 'fst_net' / 'bd.tar', '--from', backdoored['path'],
+                   '--dataset', 'ImageFolder', '--data_root', image_folder, '--points', 5, '--eval_subset', 0, '--json')
+    assert r.returncode == 0, r.stderr
+    path = json.loads(r.stdout.strip().splitlines()[-1])['path']
+    assert [p['t'] for p in path] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert path[0]['ASR'] == backdoored['metrics']['ASR'] and path[-1]['ASR'] == defended['ASR']
+    assert path[-1]['ACC'] == defended['ACC']
+    r = run_script('interpolate.py', '--model', backdoored['path'], '--dataset', 'ImageFolder', '--data_root',
+                   image_folder)
+    assert r.returncode == 2 and 'needs --from' in r.stderr
