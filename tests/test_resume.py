@@ -105,3 +105,31 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
                    '--ratio', 0.5, '--epochs', 1, '--teacher_epochs', 1, '--checkpoint_root', tmp_path / 'w',
                    '--log_root', tmp_path, '--batch_size', 32, '--precision', 'bf16')
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('defense', ['pam', 'fst', 'sau'])
+def test_a_killed_fine_tuning_defense_resumes_bit_identical(defense, backdoored, image_folder, tmp_path):
+    """PAM's PGD starts and path-aware point, FST's re-initialised head and SAU's Adam state all resume."""
+    def flags(out):
+        return ['--defense', defense, '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
+                backdoored['path'], '--ratio', 0.5, '--batch_size', 32, '--epochs', 12, '--threads', 1,
+                '--output', out, '--log_root', os.path.dirname(out)]
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    a, b = str(tmp_path / 'a' / 'm.tar'), str(tmp_path / 'b' / 'm.tar')
+    r = run_script('main_ft.py', *flags(a))
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_ft.py'), *map(str, flags(b))], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(b + '.resume') and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert os.path.exists(b + '.resume') and not os.path.exists(b), 'the run was not killed mid-way'
+    r = run_script('main_ft.py', *flags(b), '--resume')
+    assert r.returncode == 0, r.stderr
+    assert f'resuming {defense} after epoch' in r.stdout
+    sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
