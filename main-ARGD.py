@@ -9,6 +9,10 @@ As published: SGD Nesterov (momentum 0.9, weight decay 1e-4), crop + flip + Cuto
 each defense's own steps and epochs (config.DEFENSE_SCHEDULES: ARGD 10 epochs, /10 at epoch 3
 and 6; NAD 20 epochs, /10 at 2, /100 at 20). The erased model goes to
 <checkpoint_root>/erasing_net/.
+
+Not in the papers (the -SI and -PAM variants, file names <s_name>[-nad]-si[-pam]): --source inverted
+stamps MCL's detection's pattern (a synthesised trigger, main_ft.py's FT-SI) on --adv_share of each
+batch at true labels; --rho > 0 takes the gradient at PAM's path-aware point.
 """
 import copy
 import os

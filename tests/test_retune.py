@@ -101,6 +101,6 @@ def test_attack_from_scores_a_model_under_another_checkpoints_attack(backdoored,
     assert r.returncode == 0, r.stderr
     assert 'scoring against the attack of' in r.stdout and 'target 1' in r.stdout
     m = summary(r.stdout)
-    assert m['ASR'] <= 5 and m['ACC'] != backdoored['metrics']['ACC']  # class 1 is no target, and is now scored
+    assert m['ASR'] <= 5 < backdoored['metrics']['ASR']  # the patch sends images to 0: class 1 is no target
     r = run_script('retune.py', *flags, '--attack_from', tmp_path / 'no-meta.tar', cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().endswith('its meta holds no attack'), r.stderr
