@@ -76,17 +76,19 @@ def main():
             _, feats_t, _ = teacher(x, features=True)
         return F.cross_entropy(logits, y) + criterion(feats_s, feats_t)
 
-    batches = distillation_batches(args, run)
+    batches, synthesised = distillation_batches(args, run), {}
     if args.source == 'inverted':  # not in the papers: a synthesised trigger at true labels, on both networks
-        pattern, raw = synthesised_trigger(run, args.seed, args.amp), Normalizer('none', run.device)
+        (pattern, synthesised), raw = synthesised_trigger(run, args.seed, args.amp), Normalizer('none', run.device)
         batches = lambda epoch: ((data.normalizer.normalize_float(with_pattern_share(x01, pattern, args.adv_share)), y)
                                  for x01, y in distillation_batches(args, run, raw)(epoch))
     params = list(student.parameters()) + [p for m in extra.values() for p in m.parameters() if p.requires_grad]
     lr_at = lambda epoch: step_lr(args.lr, epoch, schedule['milestones'], schedule['factors'])
     metrics = fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer,
-                  out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, args.defense), params=params,
+                  out_path=out, csv_path=csv_path, meta=dict(defense_meta(run.meta, args, args.defense), **synthesised),
+                  params=params,
                   extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense,
                   gradient_point=path_aware(student, args.rho))
+    metrics.update(synthesised)
     defender_check(run, student, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))

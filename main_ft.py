@@ -96,12 +96,12 @@ def main():
                                           augment_data=recipe['augment'], cutout=recipe['cutout'],
                                           drop_last=recipe['drop_last'])
     loss_fn = lambda x01, y: F.cross_entropy(model(norm(x01)), y)
-    gradient_point, after_step = None, None
+    gradient_point, after_step, synthesised = None, None, {}
     torch.manual_seed(args.seed)
 
     if args.defense in ('ft-at', 'pam'):
         clean_batches = batches
-        pattern = synthesised_trigger(run, args.seed, args.amp) if args.source == 'inverted' else None
+        pattern, synthesised = synthesised_trigger(run, args.seed, args.amp) if args.source == 'inverted' else (None, {})
         # PGD against the model as given: its adversarial directions are the backdoor's (on the zoo's Blended
         # model 244 of 256 land on the target); the model being purified soon has only generic ones
         if pattern is None:
@@ -140,9 +140,10 @@ def main():
                                                                                               ref_clean)
 
     metrics = fit(args, model, loss_fn, batches, lr_schedule(args, recipe), data.test, data.normalizer, out_path=out,
-                  csv_path=csv_path, meta=defense_meta(run.meta, args, tag), nesterov=recipe['nesterov'],
-                  evaluate_first=True, tag=tag, optimizer=recipe['optimizer'],
+                  csv_path=csv_path, meta=dict(defense_meta(run.meta, args, tag), **synthesised),
+                  nesterov=recipe['nesterov'], evaluate_first=True, tag=tag, optimizer=recipe['optimizer'],
                   gradient_point=gradient_point, after_step=after_step)
+    metrics.update(synthesised)  # which class's pattern FT-SI / PAM-SI stamped (in the JSON summary and the meta)
     defender_check(run, model, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))

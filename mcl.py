@@ -174,7 +174,7 @@ def synthesised_trigger(run, seed, amp):
     """A blind defender's stand-in for the trigger: MCL's target detection on the defender's clean subset
     (every class, config.MAIN_MCL's budget) and the pattern of the class it flags, or of the smallest
     pattern's class when none stands out (the defender cannot tell; a small pattern stamped at true
-    labels costs little). run: utils.defense_setup's."""
+    labels costs little). run: utils.defense_setup's. Returns (pattern, what it is: a dict for the meta)."""
     m = MAIN_MCL
     label, index, _, smallest, patterns = find_target(run.model, run.x, run.data.normalizer, run.data.num_classes,
                                                       m['detect_epochs'], m['batch_size'], m['inv_patience'],
@@ -184,7 +184,8 @@ def synthesised_trigger(run, seed, amp):
     why = 'no class detected: the smallest pattern' if label is None else f'detected, anomaly index {index:.2f}'
     print(f"synthesised trigger: class {chosen}'s inverted pattern ({why}; {info['pixels']} pixels, "
           f"L1 {info['l1']:.2f})", flush=True)
-    return pattern
+    return pattern, dict(synthesised_class=chosen, detected=label is not None, anomaly_index=round(index, 2),
+                         pixels=info['pixels'])
 
 
 def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp=False):

@@ -118,7 +118,7 @@ def work_through(args, cells):
             metrics, seconds = cell_commands(args, attack, seed, work, log_root)[defense]()
             row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in COLUMNS},
                        **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
-                                                        'warning')},
+                                                        'warning', 'synthesised_class')},
                        seconds=seconds, settings_key=key, settings=settings)
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
