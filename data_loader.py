@@ -44,7 +44,7 @@ def _is_image_folder(root):
 
 def _cached(root, key, build, verbose):
     path = _cache_path(root, key)
-    fingerprint = _fingerprint(root)
+    fingerprint = data_fingerprint(root)
     if os.path.exists(path):
         try:
             data = torch.load(path, weights_only=True, map_location='cpu')
@@ -71,7 +71,7 @@ def _cache_path(root, key):
     return os.path.join(os.path.expanduser('~/.cache/backdoor-erasing'), f'{digest}_{key}.pt')
 
 
-def _fingerprint(root):
+def data_fingerprint(root):
     """Cheap identity of an image folder (class names and file counts) so a changed tree is re-read."""
     if not _is_image_folder(root):
         return 'torchvision'

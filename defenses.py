@@ -13,6 +13,7 @@ import sys
 import time
 
 from cli import UserError
+from data_loader import data_fingerprint
 from files import atomic_write_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,20 +105,30 @@ def zoo_model(args, attack):
     return path if args.model_seed == 0 and os.path.exists(path) else None
 
 
+def file_identity(path):
+    """A file as what it is, not where it lies: its name and content hash."""
+    with open(path, 'rb') as f:
+        return f'{os.path.basename(path)}:{hashlib.sha1(f.read()).hexdigest()[:12]}'
+
+
+def data_identity(args):
+    """The data set as what it is: its name and a hash of its image-folder fingerprint (class folders and
+    file counts; 'torchvision' for a downloaded set), not the folder it was read from."""
+    return f"{args.dataset}:{hashlib.sha1(data_fingerprint(args.data_root).encode()).hexdigest()[:12]}"
+
+
 def model_settings(args, attack):
     """Everything that decides the backdoored model of a row: the zoo file's content, or how it is trained."""
     zoo = zoo_model(args, attack)
     if zoo:
-        with open(zoo, 'rb') as f:
-            return dict(attack=attack, zoo=hashlib.sha1(f.read()).hexdigest()[:12])
-    return dict(attack=attack, dataset=args.dataset, data_root=os.path.abspath(args.data_root), epochs=args.epochs,
-                model_seed=args.model_seed, trojan_pattern=args.trojan_pattern if attack == 'trojan' else None)
+        return dict(attack=attack, zoo=file_identity(zoo).split(':')[1])
+    return dict(attack=attack, data=data_identity(args), epochs=args.epochs, model_seed=args.model_seed,
+                trojan_pattern=file_identity(args.trojan_pattern) if attack == 'trojan' else None)
 
 
 def cell_settings(args, attack):
     """Everything that decides a cell's result besides its defense and defense seed."""
-    return dict(model_settings(args, attack), dataset=args.dataset, data_root=os.path.abspath(args.data_root),
-                ratio=args.ratio)
+    return dict(model_settings(args, attack), data=data_identity(args), ratio=args.ratio)
 
 
 def common_flags(args, seed):

@@ -43,10 +43,15 @@ def pgd_untargeted(model, x01, y, norm, eps, step, steps, generator):
     return (x01 + delta).detach()
 
 
+def share_count(share, batch):
+    """How many images of a batch a share replaces: at least one while the share is above 0."""
+    return max(1, int(round(share * batch))) if share > 0 else 0
+
+
 def with_adversarial_share(model, x01, y, norm, share, eps, step, steps, generator):
     """The batch with its first `share` (at least one image) replaced by untargeted PGD images, labels
     kept: the batch order is already random, so the first rows are a random choice."""
-    n = max(1, int(round(share * len(y)))) if share > 0 else 0
+    n = share_count(share, len(y))
     if n == 0:
         return x01
     x01 = x01.clone()
@@ -57,7 +62,7 @@ def with_adversarial_share(model, x01, y, norm, share, eps, step, steps, generat
 def with_pattern_share(x01, pattern, share):
     """The batch with its first `share` (at least one image) carrying an additive pattern (a synthesised
     trigger, [0,1]-pixel units), labels kept."""
-    n = max(1, int(round(share * len(x01)))) if share > 0 else 0
+    n = share_count(share, len(x01))
     x01 = x01.clone()
     x01[:n] = (x01[:n] + pattern).clamp(0, 1)
     return x01

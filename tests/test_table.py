@@ -131,6 +131,8 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     calls = []
     monkeypatch.setattr(defenses, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
                         ({'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'x.npz').write_bytes(b'a pattern')  # the settings hash its content
     args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--model_seed', 3,
                                        '--checkpoint_root', tmp_path])
     defenses.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
