@@ -25,8 +25,11 @@ def _run(a):
     a('--seed', type=int, help='fixes data subsets, poisoned indices, augmentation and initialisation')
     a('--device', help="'cuda', 'cpu', ... (default: cuda when available, else cpu)")
     a('--threads', type=int, help='CPU threads for torch (default: torch chooses)')
-    a('--precision', choices=('auto', 'fp32', 'bf16'), help='auto = bf16 autocast where the device computes bf16 '
-      'natively (CUDA; CPUs with AMX or AVX512-BF16), else fp32')
+    a('--precision', choices=('auto', 'fp32', 'bf16', 'fp16'), help='auto = what the device computes natively: bf16 '
+      'autocast on GPUs of compute capability >= 8.0 and on CPUs with AMX or AVX512-BF16, fp16 autocast with loss '
+      'scaling on older GPUs with tensor cores (V100, T4), else fp32 (default: auto)')
+    a('--deterministic', action='store_true', help="CUDA: cuDNN's deterministic kernels and torch's deterministic "
+      'algorithms, so a run repeats bit for bit on one GPU (slower; the CPU is deterministic without it)')
     a('--eval_batch_size', type=int, help='evaluation batch size (default: 256 on CPU, 1000 on CUDA)')
     a('--json', action='store_true', help='print the final summary as one JSON object')
 
@@ -45,8 +48,9 @@ def _attack(a):
     a('--target_type', help=f'label rule, where no meta says it: {", ".join(TARGET_TYPES)}')
     a('--inject_portion', type=float, help='poisoned fraction of the training set in [0, 1] (cleanLabel: of the '
       'target-class images; 0: a clean control model)')
-    a('--trig_w', type=int, help='squareTrigger rows')
-    a('--trig_h', type=int, help='squareTrigger columns')
+    a('--trig_w', type=int, help="squareTrigger: the square's extent down the image, in rows (named as the "
+      "references name it; their 'width' runs along the first image axis)")
+    a('--trig_h', type=int, help="squareTrigger: the square's extent across the image, in columns")
     a('--trigger_path', help="trojanTrigger's additive pattern (required: the references' "
       'trigger/best_square_trigger_cifar10.npz); blendedTrigger\'s image (default: a fixed noise image)')
 
@@ -239,7 +243,9 @@ class _Help(argparse.HelpFormatter):
     """Shows each option's default, unless its help already says what the default is."""
     def _get_help_string(self, action):
         text = action.help or ''
-        if 'default' not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        # identity, not ==: a default of 0 is shown, only None and False (a flag) are not
+        if 'default' not in text and action.option_strings and not any(action.default is v for v in
+                                                                       (None, False, argparse.SUPPRESS)):
             text += ' (default: %(default)s)'
         return text
 
@@ -265,10 +271,24 @@ def get_arguments(script, description=None):
     p = _Parser(prog=script, description=description, formatter_class=_Help, allow_abbrev=False)
 
     def add(flag, **kw):  # every option's default is config.py's, read when the parser is built
-        p.add_argument(flag, default=defaults[kw.get('dest', flag[2:])], **kw)
+        name = kw.get('dest', flag[2:])
+        if name in PER_DEFENSE.get(script, {}):  # a None default that means "the defense's own"
+            kw['help'] += f' (default: per defense: {PER_DEFENSE[script][name]})'
+        p.add_argument(flag, default=defaults[name], **kw)
     for group in SCRIPTS[script][0]:
         group(add)
     return p
+
+
+def _per_defense(recipes, key):
+    return ', '.join(f'{name} {recipe[key]}' for name, recipe in recipes.items() if key in recipe)
+
+
+# options whose default is None because each defense has its own value: --help lists them from config.py
+PER_DEFENSE = {
+    'main-ARGD.py': {'epochs': _per_defense(config.DEFENSE_SCHEDULES, 'epochs')},
+    'main_ft.py': {k: _per_defense(config.FT_RECIPES, k) for k in ('epochs', 'lr', 'batch_size', 'weight_decay')},
+}
 
 
 def parse_args(script, argv=None, description=None):

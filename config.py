@@ -14,9 +14,10 @@ COMMON = dict(
     seed=0,                    # fixes data subsets, poisoned indices, augmentation and initialisation
     device=None,               # None: cuda when available, else cpu
     threads=None,              # CPU threads for torch; None: torch chooses
-    precision='auto',          # auto: bf16 autocast where the device computes bf16 natively, else fp32; or fp32, bf16
+    precision='auto',          # auto: what the device computes natively (bf16; fp16 on pre-Ampere GPUs; else fp32); or fp32, bf16, fp16
     eval_batch_size=None,      # None: EVAL_BATCH_SIZE for the device
     json=False,                # print the final summary as one JSON object
+    deterministic=False,       # CUDA: deterministic cuDNN kernels and algorithms (the CPU needs none)
 )
 EVAL_BATCH_SIZE = dict(cpu=256, cuda=1000)  # 256 beat 1000 on the CPU in every paired run
 
@@ -131,6 +132,8 @@ MAIN_MCL = dict(
     rho=0.0,                   # > 0: the gradient taken rho towards the backdoored weights (PAM's step); 0 = the paper
     keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
+
+INVERSION_IMAGES = 2048       # MCL's inversion: most images per stacked forward (43 GTSRB classes x 64 run in two)
 
 # ============================================================================ main_ft.py (FT-AT, PAM, FST, SAU)
 SHARE = dict(adv_share=0.2)   # main_ft.py, main-ARGD.py: share of each batch replaced at true labels (PAM's 20% + 1)

@@ -143,10 +143,11 @@ def _read_torchvision(name, root, size, verbose):
 
 
 # ----------------------------------------------------------------------------- poisoning
-def seeded(seed, stream):
+def seeded(seed, stream, device='cpu'):
     """An independent generator per purpose: poisoned indices, the clean subset and the batch
-    order must not share one random stream (they would pick the same images)."""
-    return torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(stream.encode())) % 2 ** 62)
+    order must not share one random stream (they would pick the same images). On the device of the
+    tensors it draws for (per-batch draws need no host copy; a CUDA stream's numbers are not the CPU's)."""
+    return torch.Generator(device=device).manual_seed((seed * 1000003 + zlib.crc32(stream.encode())) % 2 ** 62)
 
 
 def make_attack(args, image_size, num_classes, meta_attack=None):
@@ -205,10 +206,14 @@ def batch_poisoner(attack, num_classes):
     if trigger['trigger_type'] not in PER_BATCH:
         return None
 
+    grids = {}  # the grid copied to a device once, not per batch
+
     def poison(x, y, g):
         n_bd = int(len(y) * attack['inject_portion'])
         n_cross = min(int(n_bd * WANET_CROSS_RATIO), len(y) - n_bd)
-        grid = trigger['pattern'].to(x.device)
+        if x.device not in grids:
+            grids[x.device] = trigger['pattern'].to(x.device)
+        grid = grids[x.device]
         x, y = x.clone(), y.clone()
         x[:n_bd] = warp(x[:n_bd], grid[None])
         y[:n_bd] = poisoned_labels(y[:n_bd], attack, num_classes)
@@ -262,8 +267,12 @@ def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed):
     of it for cleanLabel) carrying the model's trigger and label. Returns (x, y, indices into the
     training set, positions of the poisoned images)."""
     order = clean_subset_order(len(y), seed)
-    start = subset_size(len(y), defense_ratio)
-    idx = order[start:start + subset_size(len(y), ratio)].sort().values
+    start, wanted = subset_size(len(y), defense_ratio), subset_size(len(y), ratio)
+    if start + wanted > len(y):  # never a silent cap: the share asked for is the share used
+        raise UserError(f'--retune_ratio {ratio:g} asks for {wanted} images, but only {len(y) - start} of the '
+                        f'{len(y)} training images lie outside the defender\'s subset (--ratio {defense_ratio:g}): '
+                        f'use at most {(len(y) - start) / len(y):.4f}')
+    idx = order[start:start + wanted].sort().values
     x, y = x[idx].clone(), y[idx].clone()
     target, kind = attack['target_label'], attack['target_type']
     eligible = (y == target) if kind == 'cleanLabel' else (y != target) if kind == 'all2one' else torch.ones_like(y, dtype=torch.bool)
@@ -303,15 +312,15 @@ def augment(x, generator, pad=4, cutout=0):
     n, h, w, c = x.shape
     padded = torch.zeros(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
     padded[:, pad:pad + h, pad:pad + w] = x
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-    flips = torch.rand(n, generator=generator).to(x.device) < 0.5
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=x.device)
+    flips = torch.rand(n, generator=generator, device=x.device) < 0.5
     rows = shifts[0, :, None] + torch.arange(h, device=x.device)
     cols = shifts[1, :, None] + torch.arange(w, device=x.device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
     out = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
     if cutout:
-        centres = torch.stack((torch.randint(0, h, (n,), generator=generator),
-                               torch.randint(0, w, (n,), generator=generator))).to(x.device)
+        centres = torch.stack((torch.randint(0, h, (n,), generator=generator, device=x.device),
+                               torch.randint(0, w, (n,), generator=generator, device=x.device)))
         inside = lambda size, c0: ((torch.arange(size, device=x.device) >= c0[:, None] - cutout // 2)
                                    & (torch.arange(size, device=x.device) < c0[:, None] + cutout // 2))
         hole = inside(h, centres[0])[:, :, None] & inside(w, centres[1])[:, None, :]
@@ -326,8 +335,8 @@ def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, 
     each process of a distributed run gets every world-th image of each global batch, cut after
     the whole batch is augmented, so the global batches are those of a single process. poison (see
     batch_poisoner) runs on each batch after augmentation, so crop and flip cannot move its trigger."""
-    g = seeded(seed, f'batches-{epoch}')
-    order = torch.randperm(len(y), generator=g).to(x.device)
+    g = seeded(seed, f'batches-{epoch}', x.device)  # every draw of the epoch on the data's device
+    order = torch.randperm(len(y), generator=g, device=x.device)
     stop = len(y) - (len(y) % batch_size if drop_last and len(y) >= batch_size else 0)
     rank, world = shard
     for i in range(0, stop, batch_size):
@@ -341,6 +350,20 @@ def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, 
 
 
 # ----------------------------------------------------------------------------- one call per script
+def first_rank_first(load):
+    """load() under torchrun: rank 0 alone first (it downloads and decodes into the shared folder and
+    writes the cache), the other ranks after a barrier (they read the cache); else just load()."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return load()
+    if dist.get_rank() != 0:
+        dist.barrier()
+    data = load()
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return data
+
+
 class RunData:
     """What every script needs of the data: the training set (CPU), class count, image size,
     normaliser, resolved attack and the test sets on the device."""
@@ -348,7 +371,7 @@ class RunData:
     def __init__(self, args, device, meta=None, verbose=True):
         meta = meta or {}
         self.image_size = resolve(args, 'image_size', meta.get('image_size')) or config.DATASETS[args.dataset][1]
-        data = load_dataset(args.dataset, args.data_root, self.image_size, verbose)
+        data = first_rank_first(lambda: load_dataset(args.dataset, args.data_root, self.image_size, verbose))
         self.classes = data['classes']
         self.num_classes = resolve(args, 'num_class', meta.get('num_classes')) or len(self.classes)
         if self.num_classes != len(self.classes):

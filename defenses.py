@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from cli import UserError
 from data_loader import data_fingerprint
-from files import atomic_write_bytes
+from files import atomic_write_bytes, content_hash
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,13 +60,26 @@ BLIND = ('ft', 'nad', 'argd', 'argd-si', 'argd-si-pam', 'ft-at', 'ft-si', 'pam',
 
 
 def run(script, *flags):
-    """Run a project script, return (its JSON summary, wall seconds); a failure stops this worker."""
+    """Run a project script, return (its JSON summary, wall seconds); a failure stops this worker. Each line
+    it prints goes to the `watch` function while it runs (run_table.py's bar shows the latest)."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, flags), '--json'], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        raise UserError(f'{script} {" ".join(map(str, flags))} failed: {r.stderr.strip().splitlines()[-1:]}')
-    return json.loads(r.stdout.strip().splitlines()[-1]), round(time.time() - t0, 1)
+    with tempfile.TemporaryFile('w+') as err:  # a file, not a pipe: a full stderr pipe would block the script
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, flags), '--json'],
+                             stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        for line in p.stdout:
+            lines.append(line.rstrip('\n'))
+            watch(f'{script}: {lines[-1]}')
+        p.wait()
+        err.seek(0)
+        stderr = err.read()
+    if p.returncode != 0:
+        raise UserError(f'{script} {" ".join(map(str, flags))} failed: {stderr.strip().splitlines()[-1:]}')
+    return json.loads(lines[-1]), round(time.time() - t0, 1)
+
+
+def watch(line):
+    """Where run() sends each line of a running script; run_table.py points it at its progress bar."""
 
 
 @contextlib.contextmanager
@@ -107,8 +121,7 @@ def zoo_model(args, attack):
 
 def file_identity(path):
     """A file as what it is, not where it lies: its name and content hash."""
-    with open(path, 'rb') as f:
-        return f'{os.path.basename(path)}:{hashlib.sha1(f.read()).hexdigest()[:12]}'
+    return f'{os.path.basename(path)}:{content_hash(path)}'
 
 
 def data_identity(args):
@@ -128,7 +141,10 @@ def model_settings(args, attack):
 
 def cell_settings(args, attack):
     """Everything that decides a cell's result besides its defense and defense seed."""
-    return dict(model_settings(args, attack), data=data_identity(args), ratio=args.ratio)
+    # precision only where not the default, so the cells run before it was passed on keep their keys
+    return dict(model_settings(args, attack), data=data_identity(args), ratio=args.ratio,
+                **({'precision': args.precision} if args.precision != 'auto' else {}),
+                **({'deterministic': True} if args.deterministic else {}))
 
 
 def common_flags(args, seed):
@@ -136,6 +152,9 @@ def common_flags(args, seed):
     flags = ['--data_root', args.data_root, '--dataset', args.dataset, '--seed', seed]
     flags += ['--device', args.device] if args.device else []
     flags += ['--threads', args.threads] if args.threads else []
+    flags += ['--precision', args.precision]
+    flags += ['--eval_batch_size', args.eval_batch_size] if args.eval_batch_size else []
+    flags += ['--deterministic'] if args.deterministic else []
     return flags
 
 

@@ -1,5 +1,6 @@
 """Files written atomically (a reader never sees half of one) and checked before any work starts."""
 import csv
+import hashlib
 import io
 import os
 import tempfile
@@ -59,3 +60,9 @@ def write_csv(rows, path):
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(buf.getvalue().encode(), path)
+
+
+def content_hash(path):
+    """The first 12 hex digits of a file's SHA-1: what it is, wherever it lies."""
+    with open(path, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]

@@ -29,7 +29,7 @@ from data_loader import Normalizer
 from files import check_writable
 from mcl import synthesised_trigger
 from purify import path_aware, with_pattern_share
-from teacher import distillation_batches, finetune, teacher_path
+from teacher import check_student, distillation_batches, finetune, teacher_path
 from utils import defender_check, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
 
 
@@ -53,7 +53,8 @@ def main():
         check_writable(path)
 
     if os.path.exists(t_path):
-        teacher, _ = load_model(t_path, args, data.num_classes, run.device)
+        teacher, t_meta = load_model(t_path, args, data.num_classes, run.device)
+        check_student(t_meta, t_path, run)
     else:
         print(f'teacher {t_path} not found: fine-tuning one from {run.s_path} on the clean subset first')
         teacher = copy.deepcopy(student)

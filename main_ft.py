@@ -52,7 +52,7 @@ def report_pgd_labels(model, run, norm, args):
     """Where the PGD images of the first clean images land (a defender-side reading: a backdoored model's
     adversarial examples gather on its target)."""
     x01 = run.x[:256].permute(0, 3, 1, 2).float() / 255
-    g = seeded(args.seed, 'pgd-report')
+    g = seeded(args.seed, 'pgd-report', run.device)
     with autocast(run.device, args.amp):
         adv = pgd_untargeted(model, x01, run.y[:256], norm, args.adv_eps, args.adv_step, args.adv_steps, g)
         labels = predict(model, adv, norm, args.eval_batch_size, args.amp)
@@ -109,7 +109,7 @@ def main():
             report_pgd_labels(attacked, run, norm, args)
 
         def batches(epoch):  # PGD against the weights as they are, before PAM moves them for its gradient
-            g = seeded(args.seed, f'pgd-{epoch}')  # the random starts: per epoch, so a resumed run repeats them
+            g = seeded(args.seed, f'pgd-{epoch}', run.device)  # the random starts: per epoch, so a resumed run repeats them
             for x01, y in clean_batches(epoch):
                 if pattern is not None:
                     x01 = with_pattern_share(x01, pattern, args.adv_share)

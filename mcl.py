@@ -7,8 +7,9 @@ picture of the inverted trigger.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from config import MAIN_MCL
+from config import INVERSION_IMAGES, MAIN_MCL
 from utils import autocast
 
 EPS = 1e-7
@@ -52,12 +53,14 @@ def pattern_success(model, x, pattern, target, normalizer, batch_size=256, amp=F
 
 
 def invert_triggers(model, x, targets, normalizer, passes=100, batch_size=64, patience=0, asr_bound=0.9,
-                    init_cost=1e-3, lr=0.1, seed=0, amp=False, report=None):
+                    init_cost=1e-3, lr=0.1, seed=0, amp=False, report=None, max_images=INVERSION_IMAGES):
     """For each class in `targets`, find a small additive pattern (3, H, W), values in [-1, 1] in
     [0,1]-pixel units, that sends the clean uint8 images x (N, H, W, C) to that class.
 
     All classes are inverted together: each batch is stacked once per class (class k's copy carries
-    pattern k), so one forward serves them all; each class has its own pattern, size cost and
+    pattern k), so one forward serves them all (or, where classes x batch exceeds max_images, one
+    forward per chunk of classes, gradients summed before the one step: the same result, less memory
+    for 43 or 100 classes); each class has its own pattern, size cost and
     success counters, and Adam's update is per element, so a class's pattern is the one it would get
     alone (BatchNorm is in eval mode and the model's parameters are frozen: no weight gradients).
     Counted as the reference (PixelBackdoor.generate) counts it: `passes` shuffled passes over x in
@@ -82,23 +85,31 @@ def invert_triggers(model, x, targets, normalizer, passes=100, batch_size=64, pa
     cost, up, down, since_best = [init_cost] * k, [0] * k, [0] * k, [0] * k
     best, best_reg, best_pixels = [None] * k, [float('inf')] * k, [float('inf')] * k
     active, passes_done = list(range(k)), [0] * k
-    for done in range(1, passes + 1):
+    per_forward = max(1, max_images // batch_size)  # classes per forward
+    chunks = [(c, min(c + per_forward, k)) for c in range(0, k, per_forward)]
+    bar = tqdm(range(1, passes + 1), desc=f'inverting {k} classes', unit='pass', disable=None, leave=False)
+    for done in bar:
         order = torch.randperm(len(x), generator=order_g).to(device)
         hits, regs, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
+        # built once per pass (the costs and retirements move only between passes): no host copy per step
+        cost_t = torch.tensor(cost, device=device)
+        live = torch.zeros(k, device=device)
+        live[active] = 1.0  # a retired class weighs 0
         for i in range(0, len(x) - batch_size + 1, batch_size):
             xb = x[order[i:i + batch_size]].permute(0, 3, 1, 2).float() / 255
-            patterns = pos.clamp(0, 1) - neg.clamp(0, 1)
-            stacked = add_pattern(xb[None], patterns[:, None]).flatten(0, 1)     # (k * B, C, H, W)
-            with autocast(device, amp):
-                out = model(normalizer.normalize_float(stacked)).float()
-            reg = size_penalties(pos) + size_penalties(neg)                      # (k,)
-            ce = F.cross_entropy(out, labels, reduction='none').view(k, batch_size).mean(1)
-            loss = (ce + torch.tensor(cost, device=device) * reg)[active].sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for c0, c1 in chunks:
+                patterns = pos[c0:c1].clamp(0, 1) - neg[c0:c1].clamp(0, 1)
+                stacked = add_pattern(xb[None], patterns[:, None]).flatten(0, 1)  # (classes * B, C, H, W)
+                with autocast(device, amp):
+                    out = model(normalizer.normalize_float(stacked)).float()
+                wanted = labels[c0 * batch_size:c1 * batch_size]
+                reg = size_penalties(pos[c0:c1]) + size_penalties(neg[c0:c1])      # (classes,)
+                ce = F.cross_entropy(out, wanted, reduction='none').view(-1, batch_size).mean(1)
+                ((ce + cost_t[c0:c1] * reg) * live[c0:c1]).sum().backward()
+                hits[c0:c1] += (out.argmax(1) == wanted).float().view(-1, batch_size).mean(1).detach()
+                regs[c0:c1] += reg.detach()
             opt.step()
-            hits += (out.argmax(1) == labels).float().view(k, batch_size).mean(1).detach()
-            regs += reg.detach()
             steps += 1
         asr, reg = (hits / steps).tolist(), (regs / steps).tolist()
         with torch.no_grad():

@@ -30,7 +30,7 @@ def pgd_untargeted(model, x01, y, norm, eps, step, steps, generator):
     cross-entropy of their true labels y. The model's parameters and mode are left as they were."""
     was_training = model.training
     model.eval()
-    delta = (torch.rand(x01.shape, generator=generator).to(x01.device) * 2 - 1) * eps
+    delta = (torch.rand(x01.shape, generator=generator, device=x01.device) * 2 - 1) * eps
     delta = ((x01 + delta).clamp(0, 1) - x01).requires_grad_(True)
     for _ in range(steps):
         loss = F.cross_entropy(model(norm(x01 + delta)).float(), y)

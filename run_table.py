@@ -23,7 +23,9 @@ import subprocess
 import sys
 
 import torch
+from tqdm import tqdm
 
+import defenses
 from cli import UserError, main_guard, parse_args
 from defenses import ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, locked, short_hash
 from files import atomic_write_bytes, write_csv
@@ -103,8 +105,12 @@ def write_markdown(rows, path):
 
 
 def work_through(args, cells):
-    """The worker loop: every cell not done and not held by another worker, once."""
-    for attack, defense, seed in cells:
+    """The worker loop: every cell not done and not held by another worker, once. On a terminal, a bar
+    over the cells shows the running cell and the last line its script printed."""
+    bar = tqdm(cells, desc='cells', unit='cell', disable=None, dynamic_ncols=True)
+    defenses.watch = lambda line: bar.set_postfix_str(line[-80:], refresh=True)
+    for attack, defense, seed in bar:
+        bar.set_description(f'{attack} {defense} seed {seed}')
         settings = cell_settings(args, attack)
         key = short_hash(settings)
         out = cell_path(args.table_dir, attack, defense, seed, key)
@@ -122,7 +128,7 @@ def work_through(args, cells):
                        seconds=seconds, settings_key=key, settings=settings)
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
-        print(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
+        bar.write(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
               f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f} "
               f"RA_retuned {metrics.get('RA_retuned', float('nan')):6.2f}  "
               f"{seconds:.0f}s" +
@@ -169,6 +175,9 @@ def start_workers(args, n):
 
 def main():
     args = parse_args('run_table.py', description=__doc__.split('\n\n')[0])
+    for name, instead in (('seed', '--seeds (the defense seeds) and --model_seed'), ('json', 'table.csv')):
+        if name in args.given:  # each cell has its own seed and JSON summary
+            raise UserError(f'run_table.py does not take --{name}: use {instead}')
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
     defenses = parse_list(args.defenses, 'defenses', DEFENSES)

@@ -9,7 +9,9 @@ import os
 import torch.nn.functional as F
 
 from config import DEFENSE_SCHEDULES
+from cli import UserError
 from data_loader import train_batches
+from files import content_hash
 from utils import defense_meta, fit, step_lr
 
 
@@ -30,6 +32,19 @@ def finetune(args, run, model, out, csv_path, tag='teacher'):
     schedule = DEFENSE_SCHEDULES['finetune']
     lr_at = lambda epoch: step_lr(args.teacher_lr, epoch, schedule['milestones'], schedule['factors'])
     loss_fn = lambda x, y: F.cross_entropy(model(x), y)
+    meta = dict(defense_meta(run.meta, args, 'finetune'), student=content_hash(run.s_path))  # see check_student
     return fit(args, model, loss_fn, distillation_batches(args, run), lr_at, run.data.test, run.data.normalizer,
-               out_path=out, csv_path=csv_path, meta=defense_meta(run.meta, args, 'finetune'),
+               out_path=out, csv_path=csv_path, meta=meta,
                epochs=args.teacher_epochs, nesterov=True, evaluate_first=True, tag=tag)
+
+
+def check_student(t_meta, t_path, run):
+    """A teacher found on disk must be the one fine-tuned from this student: its meta records the
+    student's content hash (a retrained student under the old name would otherwise be paired with
+    the old teacher, silently)."""
+    made_from, given = t_meta.get('student'), content_hash(run.s_path)
+    if made_from is None:
+        print(f'note: {t_path} does not record which student it was fine-tuned from; assumed to be {run.s_path}')
+    elif made_from != given:
+        raise UserError(f'{t_path} was fine-tuned from another student (content {made_from}; {run.s_path} is {given}): '
+                        'delete it to fine-tune a new teacher, or pass --t_model')

@@ -1,6 +1,7 @@
 """Train a backdoored model from scratch (BadNets-style data poisoning).
 
     python train_badnet.py --data_root /tmp/data/cifar10                # WRN-16-1, grid trigger, target 0
+                                        # (to weight/s_net/WRN-16-1.tar, or beside it if a model is there)
     python train_badnet.py --recipe nad --output weight/s_net/nad.tar   # NAD's reference recipe
     python train_badnet.py --trigger_type signalTrigger --target_label 5 --output weight/s_net/sig.tar
     torchrun --nproc_per_node 4 train_badnet.py --data_root /data/cifar10        # DDP, one GPU per process
@@ -24,12 +25,24 @@ from files import check_writable
 from utils import compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup, step_lr, summary_line
 
 
+def default_output(args):
+    """<checkpoint_root>/s_net/<arch>.tar, the student the defenses read by default, unless a model is
+    there already (the shipped one): a default never replaces a model, so the new one is named by its
+    attack and seed (--output PATH writes where asked)."""
+    plain = os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')
+    if not os.path.exists(plain) or os.path.exists(plain + '.resume'):  # absent, or this run's own, interrupted
+        return plain
+    own = os.path.join(args.checkpoint_root, 's_net', f'{args.arch}-{args.trigger_type}-seed{args.seed}.tar')
+    print(f'{plain} exists and is kept; this model goes to {own} (defend it with --s_model {own})')
+    return own
+
+
 def main():
     args = parse_args('train_badnet.py', description=__doc__.split('\n\n')[0])
     recipe = BADNET_RECIPES[args.recipe]
     args.normalize = args.normalize or recipe['normalize']
     device = setup(args, distributed=True)
-    out = args.output or os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')
+    out = args.output or default_output(args)
     csv_path = os.path.join(args.log_root, f'train_badnet_{os.path.splitext(os.path.basename(out))[0]}.csv')
     check_writable(out)
     check_writable(csv_path)

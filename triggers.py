@@ -171,7 +171,7 @@ def wanet_noise_grids(grid, n, generator):
     """WaNet's noise mode: n copies of the warp grid (H, W, 2), each moved by its own uniform noise of
     at most 1/H in grid units (half a pixel), clamped to the image, as WaNet computes it."""
     h = grid.shape[0]
-    noise = (torch.rand(n, *grid.shape, generator=generator) * 2 - 1).to(grid.device)
+    noise = torch.rand(n, *grid.shape, generator=generator, device=grid.device) * 2 - 1
     return (grid[None] + noise / h).clamp(-1, 1)
 
 

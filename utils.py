@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import sys
+import sysconfig
 import time
 import warnings
 from types import SimpleNamespace
@@ -53,10 +54,9 @@ def setup(args, distributed=False):
         if args.rank > 0:
             sys.stdout = open(os.devnull, 'w')
     torch.manual_seed(args.seed)
-    native = native_bf16(device)
-    args.amp = args.precision == 'bf16' or (args.precision == 'auto' and native is not None)
-    why = (f'bf16 autocast ({native})' if args.amp and native else 'bf16 autocast (asked for)' if args.amp else
-           f"fp32 ({'asked for' if args.precision == 'fp32' else f'{device} has no native bf16'})")
+    if getattr(args, 'deterministic', False):
+        make_deterministic()
+    args.amp, why = pick_precision(args.precision, device)
     print(f'device {device}, precision {why}', flush=True)
     args.eval_batch_size = args.eval_batch_size or config.EVAL_BATCH_SIZE.get(device.type, config.EVAL_BATCH_SIZE['cpu'])
     return device
@@ -79,11 +79,40 @@ def keep_freed_memory():
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
-def native_bf16(device):
-    """Why the device computes bf16 natively (a short reason), or None: CUDA GPUs that support it,
-    and CPUs whose flags list AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo, not assumed)."""
+def make_deterministic():
+    """--deterministic: cuDNN's deterministic kernels and torch's deterministic algorithms (CUDA
+    results then repeat run to run on one GPU, slower); the CPU kernels used here are deterministic
+    already. cuBLAS needs its workspace fixed before the first call."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True)
+
+
+def pick_precision(precision, device):
+    """-> (amp, reason for the log): amp is 'bf16', 'fp16' (autocast with a GradScaler) or False (fp32).
+    auto picks what the device computes natively: bf16 on GPUs of compute capability 8.0 or newer and on
+    CPUs with AMX/AVX512-BF16, fp16 on older GPUs with tensor cores (7.x: V100, T4, where bf16 is only
+    emulated), else fp32."""
+    if precision == 'fp16' and device.type != 'cuda':
+        raise UserError('--precision fp16 is for CUDA GPUs; use bf16 or fp32 on the CPU')
+    native = native_precision(device)
+    if precision == 'auto':
+        if native is None:
+            return False, f'fp32 ({device} computes neither bf16 nor fp16 natively)'
+        return native[0], f'{native[0]} autocast ({native[1]})'
+    if precision == 'fp32':
+        return False, 'fp32 (asked for)'
+    return precision, f'{precision} autocast (asked for)'
+
+
+def native_precision(device):
+    """(the low precision the device computes natively, why) or None: CUDA GPUs by their compute
+    capability (bf16 from 8.0, fp16 tensor cores from 7.0), CPUs whose flags list AMX-BF16 or
+    AVX512-BF16 (read from /proc/cpuinfo, not assumed)."""
     if device.type == 'cuda':
-        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+        major, minor = torch.cuda.get_device_capability(device)
+        name = f'{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}'
+        return ('bf16', name) if major >= 8 else ('fp16', name) if major >= 7 else None
     if device.type != 'cpu':
         return None
     try:
@@ -92,11 +121,12 @@ def native_bf16(device):
     except OSError:
         return None
     found = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
-    return f"CPU with {' and '.join(found)}" if found else None
+    return ('bf16', f"CPU with {' and '.join(found)}") if found else None
 
 
-def autocast(device, enabled):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast(device, amp):
+    """amp: 'bf16', 'fp16' or False (fp32; True is bf16, for callers that only switch it on)."""
+    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=bool(amp))
 
 
 def prepare_model(model, device):
@@ -118,17 +148,27 @@ def compiled(model, args, device):
 
 
 def compile_toolchain_missing(device):
-    """What torch.compile's default backend lacks on this device, or None: a C++ compiler on the CPU,
-    triton on CUDA."""
+    """What torch.compile's default backend (Inductor) lacks here at run time, or None: it builds C++
+    on the CPU and triton kernels (compiled by a C compiler against Python's headers) on CUDA."""
     if device.type == 'cuda':
-        return None if importlib.util.find_spec('triton') else 'triton'
-    return None if any(shutil.which(c) for c in ('c++', 'g++', 'clang++')) else 'a C++ compiler'
+        if not importlib.util.find_spec('triton'):
+            return 'triton'
+        if not any(shutil.which(c) for c in ('cc', 'gcc', 'clang')):
+            return 'a C compiler (triton builds its launcher with one)'
+    elif not any(shutil.which(c) for c in ('c++', 'g++', 'clang++')):
+        return 'a C++ compiler'
+    include = sysconfig.get_paths().get('include') or ''
+    if not os.path.exists(os.path.join(include, 'Python.h')):
+        return "Python's C headers (python3-dev)"
+    return None
 
 
 def data_parallel(model, device, args):
     """The model wrapped for DistributedDataParallel under torchrun, else the model itself."""
     if args.world_size == 1:
         return model
+    # each rank sees 1/world of the global batch: BatchNorm's statistics over all of it, as one process has them
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(unwrap(model))  # in place: the BN layers are replaced
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
 
@@ -224,10 +264,31 @@ def load_weights(model, sd, path, what):
 
 
 def save_checkpoint(path, model, meta, epoch, metrics):
-    """The field's checkpoint layout plus `meta`; final values, never 'best by test ASR'."""
-    sd = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    atomic_save({'state_dict': sd, 'epoch': epoch, 'best_clean_acc': metrics.get('ACC'),
-                 'best_bad_acc': metrics.get('ASR'), 'metrics': metrics, 'meta': meta}, path)
+    """The field's checkpoint layout plus `meta`; final values, never 'best by test ASR'. Everything in
+    it is on the CPU (meta too: triggers, WaNet grids, MCL's pattern), so it loads on any machine."""
+    atomic_save(on_cpu({'state_dict': unwrap(model).state_dict(), 'epoch': epoch, 'best_clean_acc': metrics.get('ACC'),
+                        'best_bad_acc': metrics.get('ASR'), 'metrics': metrics, 'meta': meta}), path)
+
+
+def on_cpu(obj):
+    """A copy of nested dicts/lists/tuples with every tensor detached and on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def all_ranks_finite(loss, args):
+    """Whether the epoch's loss was finite on every rank (one all-reduce per epoch under torchrun)."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    if getattr(args, 'world_size', 1) > 1:
+        backend = torch.distributed.get_backend()
+        bad = bad.cuda() if backend == 'nccl' else bad
+        torch.distributed.all_reduce(bad)
+    return float(bad.sum()) == 0
 
 
 def conv_norm(model):
@@ -307,6 +368,9 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     else:
         optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
                                     nesterov=nesterov)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=args.amp == 'fp16')
+    extra_modules = dict(extra_modules, **({'grad_scaler': scaler} if scaler.is_enabled() else {}))
     state_path = out_path + '.resume' if out_path else None
     run_id = dict(result_options(args), tag=tag, epochs=epochs, lr=[lr_at(e) for e in range(epochs)])
     rows = load_resume_state(args, state_path, run_id, model, optimizer, extra_modules, tag)
@@ -319,8 +383,9 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         print(log_line(rows[-1], epochs, tag))
     for epoch in range(rows[-1]['epoch'] if rows else 0, epochs):
         t0 = time.time()
-        loss = train_epoch(model, optimizer, loss_fn, batches(epoch), lr_at(epoch), args.amp, gradient_point, after_step)
-        if not math.isfinite(loss):
+        loss = train_epoch(model, optimizer, loss_fn, batches(epoch), lr_at(epoch), args.amp, gradient_point, after_step,
+                           scaler)
+        if not all_ranks_finite(loss, args):  # one rank's NaN stops every rank, none waits for it
             raise UserError(f'{tag}: loss became NaN/inf in epoch {epoch + 1}; stopped, the last good state is '
                             f'{state_path if state_path and os.path.exists(state_path) else "the input model"}')
         row = dict(epoch=epoch + 1, lr=lr_at(epoch), loss=round(loss, 5))
@@ -335,9 +400,9 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
         if lead:
             write_csv(rows, csv_path)
         if lead and state_path:
-            atomic_save({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-                         'extra': {n: m.state_dict() for n, m in extra_modules.items()},
-                         'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}, state_path)
+            atomic_save(on_cpu({'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                                'extra': {n: m.state_dict() for n, m in extra_modules.items()},
+                                'rng': torch.get_rng_state(), 'rows': rows, 'run_id': run_id}), state_path)
     if lead and rows:
         write_csv(rows, csv_path)
     final = final or score(test)
@@ -348,8 +413,9 @@ def fit(args, model, loss_fn, batches, lr_at, test, normalizer, *, out_path, csv
     return final
 
 
-def train_epoch(model, optimizer, loss_fn, batches, lr, amp, gradient_point=None, after_step=None):
-    """One pass of optimiser steps; returns the mean loss (NaN if any step's loss was not finite)."""
+def train_epoch(model, optimizer, loss_fn, batches, lr, amp, gradient_point=None, after_step=None, scaler=None):
+    """One pass of optimiser steps; returns the mean loss (NaN if any step's loss was not finite).
+    scaler: fp16's GradScaler (the loss scaled for backward, the step unscaled and skipped on overflow)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     model.train()
@@ -360,8 +426,12 @@ def train_epoch(model, optimizer, loss_fn, batches, lr, amp, gradient_point=None
         with gradient_point() if gradient_point else contextlib.nullcontext():
             with autocast(device, amp):
                 loss = loss_fn(x, y)
-            loss.backward()
-        optimizer.step()
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if after_step:
             after_step()
         finite &= torch.isfinite(loss.detach())  # no host sync per step
@@ -385,7 +455,8 @@ def load_resume_state(args, state_path, run_id, model, optimizer, extra_modules,
     if not os.path.exists(state_path):
         print(f'no resume state at {state_path}: starting {tag} from scratch')
         return []
-    state = load_checkpoint(state_path, map_location=next(model.parameters()).device)
+    # onto the CPU: the RNG state must stay a CPU ByteTensor; load_state_dict copies the rest to the model's device
+    state = load_checkpoint(state_path, map_location='cpu')
     old = state.get('run_id') or {}
     for key in sorted(set(old) | set(run_id)):
         if old.get(key, '(unset)') != run_id.get(key, '(unset)'):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, summary
 
 
 def badnet_args(image_folder, out, seed=1, epochs=4):
@@ -105,6 +105,13 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
                    '--ratio', 0.5, '--epochs', 1, '--teacher_epochs', 1, '--checkpoint_root', tmp_path / 'w',
                    '--log_root', tmp_path, '--batch_size', 32, '--precision', 'bf16')
     assert r.returncode == 0, r.stderr
+    assert 'precision bf16 autocast' in r.stdout.splitlines()[0]
+    erased = torch.load(tmp_path / 'w' / 'erasing_net' / 'bf16.tar', weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in erased['state_dict'].values())
+    assert all(torch.isfinite(v).all() for v in erased['state_dict'].values() if v.is_floating_point())
+    metrics = summary(r.stdout)
+    assert metrics == {k: erased['metrics'][k] for k in metrics}  # the summary is the saved model's
+    assert metrics['ACC'] >= 50, metrics  # one bf16 ARGD epoch keeps a working model (chance is 25)
 
 
 @pytest.mark.slow

@@ -1,0 +1,116 @@
+"""On a CUDA GPU (skipped without one): every script for a short run on `cuda`, a kill + --resume on
+`cuda`, checkpoints written there that load on a CPU-only machine, and run_table.py with two workers
+on two GPUs when there are two. The CPU fakes of the same defects are in test_devices.py."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, summary
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here')]
+
+
+def common(image_folder, tmp_path):
+    return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--device', 'cuda', '--log_root', tmp_path / 'logs',
+            '--batch_size', 32]
+
+
+def all_on_cpu(path):
+    """Every tensor of the file, loaded with a plain torch.load (no map_location), is a CPU tensor."""
+    def tensors(obj):
+        if torch.is_tensor(obj):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+    return all(t.device.type == 'cpu' for t in tensors(torch.load(path, weights_only=True)))
+
+
+@pytest.fixture(scope='module')
+def cuda_model(image_folder, tmp_path_factory):
+    d = tmp_path_factory.mktemp('cuda')
+    out = d / 'wanet.tar'  # WaNet: its grid in the meta, per-batch poisoning on the device
+    r = run_script('train_badnet.py', *common(image_folder, d), '--arch', 'WRN-10-1', '--epochs', 2,
+                   '--trigger_type', 'wanetTrigger', '--output', out, '--compile', 'auto')
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    capability = torch.cuda.get_device_capability()
+    assert ('bf16 autocast' if capability >= (8, 0) else 'fp16 autocast' if capability >= (7, 0) else 'fp32') in first
+    return out
+
+
+def test_a_checkpoint_written_on_cuda_loads_on_a_cpu_only_machine(cuda_model):
+    assert all_on_cpu(cuda_model)
+
+
+@pytest.mark.parametrize('script, flags', [
+    ('train_teacher.py', ['--teacher_epochs', 1]),
+    ('main-ARGD.py', ['--epochs', 1, '--teacher_epochs', 1]),
+    ('main-ARGD.py', ['--defense', 'nad', '--epochs', 1, '--teacher_epochs', 1, '--source', 'inverted', '--rho', 0.5]),
+    ('main_mcl.py', ['--epochs', 1, '--detect_epochs', 2, '--inv_epochs', 2]),
+    ('main_mcl.py', ['--epochs', 1, '--mcl_target', 0, '--inv_epochs', 2, '--keep_target']),
+    ('main_ft.py', ['--defense', 'ft-at', '--epochs', 1]),
+    ('main_ft.py', ['--defense', 'pam', '--epochs', 1, '--source', 'inverted']),
+    ('main_ft.py', ['--defense', 'fst', '--epochs', 1]),
+    ('main_ft.py', ['--defense', 'sau', '--epochs', 1]),
+])
+def test_every_defense_runs_on_cuda_and_writes_cpu_checkpoints(cuda_model, image_folder, tmp_path, script, flags):
+    out = tmp_path / 'out.tar'
+    r = run_script(script, *common(image_folder, tmp_path), '--s_model', cuda_model, '--ratio', 0.5,
+                   '--checkpoint_root', tmp_path / 'w', '--output', out, *flags)
+    assert r.returncode == 0, r.stderr
+    assert 0 <= summary(r.stdout)['ACC'] <= 100 and all_on_cpu(out)
+    for teacher in (tmp_path / 'w' / 't_net').glob('*.tar'):
+        assert all_on_cpu(teacher)
+
+
+@pytest.mark.parametrize('script, flags', [('evaluate.py', []), ('retune.py', ['--epochs', 1]),
+                                           ('interpolate.py', ['--points', 3])])
+def test_the_scoring_scripts_run_on_cuda(cuda_model, image_folder, tmp_path, script, flags):
+    extra = ['--from', cuda_model] if script == 'interpolate.py' else []
+    r = run_script(script, '--dataset', 'ImageFolder', '--data_root', image_folder, '--device', 'cuda',
+                   '--model', cuda_model, *extra, *flags)
+    assert r.returncode == 0, r.stderr
+
+
+def test_kill_and_resume_on_cuda(image_folder, tmp_path):
+    """--deterministic: the resumed run equals the uninterrupted one on one GPU too."""
+    def flags(out):
+        return [*common(image_folder, tmp_path), '--arch', 'WRN-10-1', '--epochs', 6, '--output', out,
+                '--compile', 'off', '--deterministic', '--seed', 1]
+    a, b = tmp_path / 'a.tar', tmp_path / 'b.tar'
+    r = run_script('train_badnet.py', *flags(a))
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_badnet.py'), *map(str, flags(b))],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(str(b) + '.resume') and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert os.path.exists(str(b) + '.resume') and not b.exists()
+    r = run_script('train_badnet.py', *flags(b), '--resume')
+    assert r.returncode == 0, r.stderr
+    assert 'resuming badnet after epoch' in r.stdout
+    sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_run_table_with_two_workers_on_two_gpus(cuda_model, image_folder, tmp_path):
+    import shutil
+    (tmp_path / 'w' / 'zoo').mkdir(parents=True)
+    shutil.copy(cuda_model, tmp_path / 'w' / 'zoo' / 'wanet.tar')
+    r = run_script('run_table.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--attacks', 'wanet',
+                   '--defenses', 'none,ft,ft-at', '--seeds', '0,1', '--ratio', 0.5, '--workers', 2, '--skip_retune',
+                   '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results')
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / 'results' / 'cells').glob('*.json'))) == 6

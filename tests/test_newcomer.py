@@ -1,0 +1,86 @@
+"""What a new user meets first: a shipped model never replaced by default, a teacher paired with its
+own student, --help that shows every default, run_table.py options that reach every cell."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import defenses
+from cli import get_arguments
+from conftest import ROOT, run_script
+
+
+def help_of(script, flag):
+    text = ' '.join(get_arguments(script).format_help().split('options:')[1].split())  # the list, not the usage
+    return text[text.index(flag + ' '):][:400]
+
+
+@pytest.mark.parametrize('script, flag, shown', [
+    ('train_badnet.py', '--seed', '(default: 0)'), ('train_badnet.py', '--target_label', '(default: 0)'),
+    ('main-ARGD.py', '--epochs', 'per defense: argd 10, nad 20'),
+    ('main_ft.py', '--epochs', 'ft-at 10, pam 30, fst 10, sau 12'), ('main_ft.py', '--lr', 'sau 0.0001')])
+def test_help_shows_zero_and_per_defense_defaults(script, flag, shown):
+    assert shown in help_of(script, flag)
+
+
+def test_help_says_which_square_side_is_which():
+    assert 'rows' in help_of('train_badnet.py', '--trig_w') and 'columns' in help_of('train_badnet.py', '--trig_h')
+
+
+@pytest.mark.slow
+def test_train_badnet_never_replaces_a_model_by_default(image_folder, tmp_path):
+    shipped = tmp_path / 'w' / 's_net' / 'WRN-10-1.tar'
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b'the shipped model')
+    r = run_script('train_badnet.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1',
+                   '--epochs', 1, '--batch_size', 32, '--compile', 'off', '--checkpoint_root', tmp_path / 'w',
+                   '--log_root', tmp_path / 'logs', '--trigger_type', 'squareTrigger', '--seed', 4)
+    assert r.returncode == 0, r.stderr
+    assert shipped.read_bytes() == b'the shipped model'
+    own = tmp_path / 'w' / 's_net' / 'WRN-10-1-squareTrigger-seed4.tar'
+    assert own.exists() and f'--s_model {own}' in r.stdout
+
+
+@pytest.mark.slow
+def test_a_teacher_of_another_student_is_one_clear_line(backdoored, image_folder, tmp_path):
+    flags = ['--dataset', 'ImageFolder', '--data_root', image_folder, '--ratio', 0.5, '--epochs', 1,
+             '--teacher_epochs', 1, '--batch_size', 32, '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path]
+    student = tmp_path / 'student.tar'
+    shutil.copy(backdoored['path'], student)
+    r = run_script('main-ARGD.py', '--s_model', student, *flags)  # fine-tunes the teacher, records the student
+    assert r.returncode == 0, r.stderr
+    teacher = tmp_path / 'w' / 't_net' / 'student.tar'
+    made_from = torch.load(teacher, weights_only=True)['meta']['student']
+    assert len(made_from) == 12
+    ckpt = torch.load(student, weights_only=True)
+    ckpt['state_dict']['fc.bias'] += 1  # retrained under the same name
+    torch.save(ckpt, student)
+    r = run_script('main-ARGD.py', '--s_model', student, *flags)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'was fine-tuned from another student' in r.stderr and made_from in r.stderr
+
+
+def test_run_table_refuses_options_it_cannot_pass_on(tmp_path):
+    for flag in (['--seed', 1], ['--json']):
+        r = run_script('run_table.py', *flag, '--table_dir', tmp_path)
+        assert r.returncode == 2 and 'run_table.py does not take' in r.stderr, r.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_run_table_passes_precision_and_eval_batch_size_to_every_cell():
+    from cli import parse_args
+    args = parse_args('run_table.py', ['--precision', 'fp32', '--eval_batch_size', 64, '--data_root', ROOT])
+    flags = list(map(str, defenses.common_flags(args, 0)))
+    assert flags[flags.index('--precision') + 1] == 'fp32' and flags[flags.index('--eval_batch_size') + 1] == '64'
+    assert defenses.cell_settings(args, 'badnet')['precision'] == 'fp32'  # another precision: other cells
+    auto = parse_args('run_table.py', ['--data_root', ROOT])
+    assert 'precision' not in defenses.cell_settings(auto, 'badnet')  # the default keeps the cells' keys
+
+
+def test_a_running_script_reports_each_line(backdoored, image_folder, monkeypatch):
+    seen = []
+    monkeypatch.setattr(defenses, 'watch', seen.append)
+    metrics, _ = defenses.run('evaluate.py', '--model', backdoored['path'], '--dataset', 'ImageFolder',
+                              '--data_root', image_folder)
+    assert seen[0].startswith('evaluate.py: device') and metrics['ASR'] == backdoored['metrics']['ASR']
