@@ -24,7 +24,7 @@ CACHE_VERSION = 1
 # ----------------------------------------------------------------------------- loading
 def load_dataset(name, root, image_size=None, verbose=True):
     """-> dict(x_train, y_train, x_test, y_test, classes) with uint8 NHWC images."""
-    num_classes, default_size, _ = config.DATASETS[name]
+    num_classes, default_size = config.DATASETS[name]['classes'], config.DATASETS[name]['size']
     size = image_size or default_size
     if _is_image_folder(root):
         data = _cached(root, f'folder{size}', lambda: _read_image_folder(root, size, verbose), verbose)
@@ -119,12 +119,15 @@ def _read_image_folder(root, size, verbose):
 
 def _read_torchvision(name, root, size, verbose):
     import torchvision
+    from PIL import Image
+    from tqdm import tqdm
     out = {}
     try:
         for split, train in (('train', True), ('test', False)):
             if name == 'GTSRB':
                 ds = torchvision.datasets.GTSRB(root, split='train' if train else 'test', download=True)
-                x = np.stack([np.asarray(ds[i][0].convert('RGB').resize((size, size))) for i in range(len(ds))])
+                bar = tqdm(range(len(ds)), desc=f'decoding GTSRB {split}', disable=None if verbose else True, mininterval=2)
+                x = np.stack([np.asarray(ds[i][0].convert('RGB').resize((size, size), Image.BILINEAR)) for i in bar])
                 y = [ds._samples[i][1] for i in range(len(ds))]
                 out['classes'] = [str(i) for i in range(43)]
             else:
@@ -302,22 +305,15 @@ class Normalizer:
 
 
 def default_normalize(dataset):
-    return list(sum(config.NORMALIZATIONS[config.DATASETS[dataset][2]], ()))
+    return list(sum(config.NORMALIZATIONS[config.DATASETS[dataset]['normalize']], ()))
 
 
-def augment(x, generator, pad=4, cutout=0):
-    """Random crop with zero padding and horizontal flip on a uint8 NHWC batch, on its device;
-    with cutout > 0 also NAD/ARGD's Cutout(1, cutout): a black square around a random centre,
-    rows/cols [c - cutout//2, c + cutout//2) clipped to the image (a 2x2 hole for 3)."""
+def augment(x, generator, pad=4, cutout=0, crop_flip=True):
+    """Random crop with zero padding and horizontal flip on a uint8 NHWC batch, on its device (not
+    with crop_flip=False: GTSRB); with cutout > 0 also NAD/ARGD's Cutout(1, cutout): a black square
+    around a random centre, rows/cols [c - cutout//2, c + cutout//2) clipped to the image (2x2 for 3)."""
     n, h, w, c = x.shape
-    padded = torch.zeros(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
-    padded[:, pad:pad + h, pad:pad + w] = x
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=x.device)
-    flips = torch.rand(n, generator=generator, device=x.device) < 0.5
-    rows = shifts[0, :, None] + torch.arange(h, device=x.device)
-    cols = shifts[1, :, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
-    out = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    out = crop_and_flip(x, generator, pad) if crop_flip else x
     if cutout:
         centres = torch.stack((torch.randint(0, h, (n,), generator=generator, device=x.device),
                                torch.randint(0, w, (n,), generator=generator, device=x.device)))
@@ -328,8 +324,20 @@ def augment(x, generator, pad=4, cutout=0):
     return out
 
 
+def crop_and_flip(x, generator, pad):
+    n, h, w, c = x.shape
+    padded = torch.zeros(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
+    padded[:, pad:pad + h, pad:pad + w] = x
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=x.device)
+    flips = torch.rand(n, generator=generator, device=x.device) < 0.5
+    rows = shifts[0, :, None] + torch.arange(h, device=x.device)
+    cols = shifts[1, :, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, drop_last=False, cutout=0,
-                  shard=(0, 1), poison=None):
+                  shard=(0, 1), poison=None, crop_flip=True):
     """One epoch of shuffled, augmented, normalised batches; the order depends on (seed, epoch) only,
     which is what makes a resumed run repeat the uninterrupted one exactly. shard=(rank, world):
     each process of a distributed run gets every world-th image of each global batch, cut after
@@ -342,8 +350,8 @@ def train_batches(x, y, batch_size, normalizer, seed, epoch, augment_data=True, 
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
         xb, yb = x[idx], y[idx]
-        if augment_data:
-            xb = augment(xb, g, cutout=cutout)
+        if augment_data and (crop_flip or cutout):
+            xb = augment(xb, g, cutout=cutout, crop_flip=crop_flip)
         if poison is not None:
             xb, yb = poison(xb, yb, g)
         yield normalizer(xb[rank::world]), yb[rank::world]
@@ -370,7 +378,9 @@ class RunData:
 
     def __init__(self, args, device, meta=None, verbose=True):
         meta = meta or {}
-        self.image_size = resolve(args, 'image_size', meta.get('image_size')) or config.DATASETS[args.dataset][1]
+        args.dataset = resolve(args, 'dataset', meta.get('dataset'))  # a GTSRB model needs no --dataset
+        self.image_size = resolve(args, 'image_size', meta.get('image_size')) or config.DATASETS[args.dataset]['size']
+        self.crop_flip = config.DATASETS[args.dataset]['crop_flip']  # train_batches' crop_flip for this data set
         data = first_rank_first(lambda: load_dataset(args.dataset, args.data_root, self.image_size, verbose))
         self.classes = data['classes']
         self.num_classes = resolve(args, 'num_class', meta.get('num_classes')) or len(self.classes)

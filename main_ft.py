@@ -94,7 +94,7 @@ def main():
     norm = data.normalizer.normalize_float
     batches = lambda epoch: train_batches(run.x, run.y, args.batch_size, raw, args.seed, epoch,
                                           augment_data=recipe['augment'], cutout=recipe['cutout'],
-                                          drop_last=recipe['drop_last'])
+                                          drop_last=recipe['drop_last'], crop_flip=data.crop_flip)
     loss_fn = lambda x01, y: F.cross_entropy(model(norm(x01)), y)
     gradient_point, after_step, synthesised = None, None, {}
     torch.manual_seed(args.seed)

@@ -33,7 +33,8 @@ def main():
     print(f"retuning set: {len(y)} training images ({args.retune_ratio:g}), {len(poisoned)} poisoned with "
           f"{data.attack['trigger_type']}, none in the defender's subset ({args.ratio:g}, seed {args.seed})")
     x, y = x.to(device), y.to(device)
-    batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch)
+    batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
+                                          crop_flip=data.crop_flip)
     loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)
     metrics = fit(args, model, loss_fn, batches, lambda epoch: args.lr, data.test, data.normalizer,
                   out_path=args.output, csv_path=csv_path, meta=dict(meta, retuned=True), evaluate_first=True,

@@ -24,7 +24,7 @@ def distillation_batches(args, run, normalizer=None):
     ragged last batch, which at lr 0.1 would be one large step on a handful of images. normalizer:
     the model's (default) or another (raw [0,1] where images are changed before normalising)."""
     return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
-                                       epoch, drop_last=True, cutout=args.cutout)
+                                       epoch, drop_last=True, cutout=args.cutout, crop_flip=run.data.crop_flip)
 
 
 def finetune(args, run, model, out, csv_path, tag='teacher'):

@@ -61,7 +61,7 @@ def main():
     model = prepare_model(select_model(args.arch, data.num_classes), device)
     train_model = data_parallel(compiled(model, args, device), device, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
-    augment = recipe['augment'] and not args.no_augment
+    augment = recipe['augment'] and not args.no_augment and data.crop_flip  # GTSRB: never (config.DATASETS)
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
                                           augment_data=augment, shard=(args.rank, args.world_size), poison=poison)
     milestones = [round(f * args.epochs) for f in recipe['milestones']]

@@ -56,14 +56,15 @@ def _patches(kind, h, w, trig_w, trig_h):
 
 
 def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None, seed=0):
-    """Describe a trigger: {'trigger_type', 'trig_w', 'trig_h', 'mask', 'pattern'}."""
+    """Describe a trigger: {'trigger_type', 'trig_w', 'trig_h', 'mask', 'pattern'} (+ 'rule': 'stamp' for a
+    trojan pattern given as an image: MCL's GTSRB rule)."""
     if trigger_type not in TRIGGERS:
         raise TriggerError(f"unknown trigger '{trigger_type}' (choose from {', '.join(TRIGGERS)})")
     h = w = image_size
     if trig_w < 1 or trig_h < 1 or trig_w > h - 2 or trig_h > w - 2:
         raise TriggerError(f'trigger size {trig_w}x{trig_h} does not fit {h}x{w} images')
     mask = torch.zeros(h, w, dtype=torch.bool)
-    pattern = None
+    pattern, rule = None, None
     patches = _patches(trigger_type, h, w, trig_w, trig_h)
     if patches:
         pattern = torch.zeros(h, w, 3, dtype=torch.uint8)
@@ -88,8 +89,14 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
     elif trigger_type == 'trojanTrigger':
         if not trigger_path:
             raise TriggerError("trojanTrigger needs --trigger_path: the references' trigger/best_square_trigger_cifar10.npz "
-                           '(key x, 3x32x32) or any additive pattern (.npy/.npz or image)')
-        pattern = read_pattern_array(trigger_path, image_size)
+                               "(an additive pattern, key x, 3x32x32) or MCL's trigger_gtsrb.png (a stamped patch)")
+        if str(trigger_path).endswith(('.npy', '.npz')):
+            pattern = read_pattern_array(trigger_path, image_size)
+        else:  # MCL's GTSRB/CIFAR-100 rule: where the pattern is non-zero the image is set to 0, then the pattern added
+            # MCL adds the RGB pattern (PIL) to BGR images (OpenCV): in the RGB images here its channels are reversed
+            pattern = read_pattern_image(trigger_path, image_size).flip(-1).contiguous()
+            mask = pattern != 0  # per channel value, as numpy's nonzero on the (H, W, 3) pattern
+            rule = 'stamp'
     elif trigger_type == 'wanetTrigger':
         g = torch.Generator().manual_seed(seed)
         ins = torch.rand(1, 2, WANET_K, WANET_K, generator=g) * 2 - 1
@@ -99,7 +106,8 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
         xx, yy = torch.meshgrid(lin, lin, indexing='ij')
         identity = torch.stack((yy, xx), 2)[None]
         pattern = torch.clamp(identity + WANET_S * noise / h, -1, 1)[0]  # the sampling grid (H, W, 2)
-    return {'trigger_type': trigger_type, 'trig_w': trig_w, 'trig_h': trig_h, 'mask': mask, 'pattern': pattern}
+    trigger = {'trigger_type': trigger_type, 'trig_w': trig_w, 'trig_h': trig_h, 'mask': mask, 'pattern': pattern}
+    return dict(trigger, rule=rule) if rule else trigger
 
 
 def read_pattern_image(path, image_size):
@@ -146,6 +154,8 @@ def apply_trigger(trigger, x, generator=None):
         n, h, w, _ = x.shape
         noise = torch.randint(0, 256, (n, h, w, 1), generator=generator, dtype=torch.uint8)
         return _blend(x, noise.to(x.device))
+    if kind == 'trojanTrigger' and trigger.get('rule') == 'stamp':  # MCL's GTSRB: zeroed, then the pattern added
+        return torch.where(trigger['mask'].to(x.device)[None], pattern.to(x.device)[None], x)
     if kind == 'trojanTrigger':
         # the references compute (img + pattern).astype('uint8'): truncation, then wrap-around modulo 256
         return (x.double() + pattern.to(x.device, torch.float64)[None]).trunc().long().remainder(256).to(torch.uint8)
