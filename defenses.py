@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+import config
 from cli import UserError
 from data_loader import data_fingerprint
 from files import atomic_write_bytes, content_hash
@@ -30,6 +31,7 @@ ATTACKS = {
     'trojan': ['--trigger_type', 'trojanTrigger'],
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
+TOLD = object()  # in a column's flags: the row's target class (row_target)
 # column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its
 # per-epoch log (None: no training) and its label in tables and pictures
 DEFENSES = {
@@ -37,14 +39,14 @@ DEFENSES = {
     'ft': dict(script='train_teacher.py', flags=[], log='teacher', label='FT'),
     'nad': dict(script='main-ARGD.py', flags=['--defense', 'nad'], log='nad', label='NAD'),
     'argd': dict(script='main-ARGD.py', flags=[], log='argd', label='ARGD'),
-    'mcl': dict(script='main_mcl.py', flags=['--mcl_target', 0], log='mcl', label='MCL'),  # told the target
-    'mcl-tk': dict(script='main_mcl.py', flags=['--mcl_target', 0, '--keep_target'], log='mcl-tk', label='MCL-TK'),
+    'mcl': dict(script='main_mcl.py', flags=['--mcl_target', TOLD], log='mcl', label='MCL'),  # told the target
+    'mcl-tk': dict(script='main_mcl.py', flags=['--mcl_target', TOLD, '--keep_target'], log='mcl-tk', label='MCL-TK'),
     # the mission's methods with the newer defenses' ingredients (not in the papers): a synthesised trigger at
     # true labels (-SI) and the path-aware gradient (-PAM)
     'argd-si': dict(script='main-ARGD.py', flags=['--source', 'inverted'], log='argd-si', label='ARGD-SI'),
     'argd-si-pam': dict(script='main-ARGD.py', flags=['--source', 'inverted', '--rho', 0.5], log='argd-si-pam',
                         label='ARGD-SI-PAM'),
-    'mcl-pam': dict(script='main_mcl.py', flags=['--mcl_target', 0, '--rho', 0.5], log='mcl-pam', label='MCL-PAM'),
+    'mcl-pam': dict(script='main_mcl.py', flags=['--mcl_target', TOLD, '--rho', 0.5], log='mcl-pam', label='MCL-PAM'),
     'ft-at': dict(script='main_ft.py', flags=['--defense', 'ft-at'], log='ft-at', label='FT-AT'),  # blind
     'ft-si': dict(script='main_ft.py', flags=['--defense', 'ft-at', '--source', 'inverted'], log='ft-si',
                   label='FT-SI'),                                                                # blind
@@ -114,9 +116,16 @@ def short_hash(settings):
 
 
 def zoo_model(args, attack):
-    """The zoo's model of this row (<checkpoint_root>/zoo/<attack>.tar, trained with seed 0), if any."""
-    path = os.path.join(args.checkpoint_root, 'zoo', f'{attack}.tar')
+    """The zoo's model of this row (<checkpoint_root>/<the data set's zoo folder>/<attack>.tar, trained with
+    seed 0: config.DATASETS), if any."""
+    path = os.path.join(args.checkpoint_root, config.DATASETS[args.dataset]['zoo'], f'{attack}.tar')
     return path if args.model_seed == 0 and os.path.exists(path) else None
+
+
+def row_target(args, attack):
+    """A row's target class: 0, or for a clean-label row the data set's (config.DATASETS: on GTSRB the
+    largest class, as clean-label poisoning can only use the target class's own images)."""
+    return config.DATASETS[args.dataset]['clean_label_target'] if 'cleanLabel' in ATTACKS[attack] else 0
 
 
 def file_identity(path):
@@ -166,7 +175,7 @@ def row_model(args, attack):
         return zoo, lambda: None
     path = os.path.join(args.checkpoint_root, 'table', short_hash(model_settings(args, attack)), f'{attack}.tar')
     flags = [*common_flags(args, args.model_seed), '--log_root', os.path.dirname(path), *ATTACKS[attack],
-             '--target_label', 0, *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
+             '--target_label', row_target(args, attack), *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
              *(['--epochs', args.epochs] if args.epochs is not None else [])]
     return path, lambda: built_once(path, 'train_badnet.py', flags)
 
@@ -195,7 +204,8 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
 
     def defended(name):
         d = DEFENSES[name]
-        flags = [*s_model, *d['flags'], '--output', os.path.join(work, f'{attack}-{name}.tar')]
+        told = [row_target(args, attack) if f is TOLD else f for f in d['flags']]  # MCL is told the row's target
+        flags = [*s_model, *told, '--output', os.path.join(work, f'{attack}-{name}.tar')]
         flags += ['--t_model', teacher] if d['script'] == 'main-ARGD.py' else []
         build = model_and_teacher if d['script'] == 'main-ARGD.py' else model
 
