@@ -175,7 +175,8 @@ def row_model(args, attack):
         return zoo, lambda: None
     path = os.path.join(args.checkpoint_root, 'table', short_hash(model_settings(args, attack)), f'{attack}.tar')
     flags = [*common_flags(args, args.model_seed), '--log_root', os.path.dirname(path), *ATTACKS[attack],
-             '--target_label', row_target(args, attack), *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
+             '--target_label', row_target(args, attack),
+             *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
              *(['--epochs', args.epochs] if args.epochs is not None else [])]
     return path, lambda: built_once(path, 'train_badnet.py', flags)
 

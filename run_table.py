@@ -34,8 +34,8 @@ COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as 
 RETUNED = ('ASR_retuned', 'ACC_retuned', 'RA_retuned')  # the same model after the retuning attack (retune.py)
 
 
-def all_cells(attacks, seeds, defenses=tuple(DEFENSES)):
-    return [(a, d, s) for a in attacks for s in seeds for d in defenses]
+def all_cells(attacks, seeds, columns=tuple(DEFENSES)):
+    return [(a, d, s) for a in attacks for s in seeds for d in columns]
 
 
 def cell_path(table_dir, attack, defense, seed, key):
@@ -129,10 +129,11 @@ def work_through(args, cells):
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
         bar.write(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
-              f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f} "
-              f"RA_retuned {metrics.get('RA_retuned', float('nan')):6.2f}  "
-              f"{seconds:.0f}s" +
-              (f"  warning: {metrics['warning']}" if metrics.get('warning') else ''), flush=True)
+                  f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} "
+                  f"ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f} "
+                  f"RA_retuned {metrics.get('RA_retuned', float('nan')):6.2f}  {seconds:.0f}s" +
+                  (f"  warning: {metrics['warning']}" if metrics.get('warning') else ''))
+        sys.stdout.flush()  # a line per cell in a log file too, as it lands
 
 
 def parse_list(text, what, allowed=None, cast=str):
@@ -180,12 +181,12 @@ def main():
             raise UserError(f'run_table.py does not take --{name}: use {instead}')
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
-    defenses = parse_list(args.defenses, 'defenses', DEFENSES)
+    columns = parse_list(args.defenses, 'defenses', DEFENSES)
     if 'trojan' in attacks and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "
                         "(trigger/best_square_trigger_cifar10.npz of bboylyg/NAD)" +
                         (f", not found: '{args.trojan_pattern}'" if args.trojan_pattern else ''))
-    cells = all_cells(attacks, seeds, defenses)
+    cells = all_cells(attacks, seeds, columns)
     if args.shard:
         k, n = parse_shard(args.shard)
         cells = cells[k::n]

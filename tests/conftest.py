@@ -55,6 +55,18 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def tensors_in(obj):
+    """Every tensor in nested dicts, lists and tuples (a checkpoint)."""
+    if hasattr(obj, 'device') and hasattr(obj, 'dtype'):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
 def summary(stdout):
     """Parse the fixed last line 'ACC a ACC_all b ASR c RA d'."""
     parts = stdout.strip().splitlines()[-1].split()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, summary
+from conftest import ROOT, run_script, summary, tensors_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here')]
 
@@ -22,17 +22,7 @@ def common(image_folder, tmp_path):
 
 def all_on_cpu(path):
     """Every tensor of the file, loaded with a plain torch.load (no map_location), is a CPU tensor."""
-    def tensors(obj):
-        if torch.is_tensor(obj):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from tensors(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                yield from tensors(v)
-    return all(t.device.type == 'cpu' for t in tensors(torch.load(path, weights_only=True)))
-
+    return all(t.device.type == 'cpu' for t in tensors_in(torch.load(path, weights_only=True)))
 
 @pytest.fixture(scope='module')
 def cuda_model(image_folder, tmp_path_factory):

@@ -1,7 +1,6 @@
 """The GPU paths, checked on the CPU: what a GPU would change is faked (a capability query, a device
 the state lands on, a missing compiler), so each defect found by reading the code fails here first."""
 import os
-import sys
 import types
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 import utils
 from cli import UserError
+from conftest import tensors_in
 from data_loader import batch_poisoner, first_rank_first, retune_set, train_batches
 from files import atomic_save
 from triggers import make_trigger
@@ -110,16 +110,7 @@ def test_a_checkpoint_moves_everything_to_the_cpu_meta_included(monkeypatch, tmp
     meta = {'attack': {'trigger': {'pattern': grid}}, 'mcl_pattern': pattern, 'list': [torch.ones(2)]}
     utils.save_checkpoint(str(tmp_path / 'x.tar'), torch.nn.Linear(2, 2), meta, 1, {'ACC': 1.0})
 
-    def tensors(obj):
-        if torch.is_tensor(obj):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from tensors(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                yield from tensors(v)
-    found = list(tensors(saved['obj']))
+    found = list(tensors_in(saved['obj']))
     assert len(found) == 5 and all(id(t) in moved for t in found)
 
 

@@ -1,5 +1,6 @@
 """GTSRB on a small synthetic 43-class folder: class order, MCL's trojan rule against the reference's
 arithmetic, and what config.DATASETS changes (normalisation, no crop/flip, the zoo folder)."""
+import os
 import types
 
 import numpy as np
@@ -69,11 +70,10 @@ def test_the_gtsrb_trojan_is_pixel_for_pixel_the_references(tmp_path):
 
 
 def test_the_shared_gtsrb_pattern_if_it_is_here():
-    path = '../shared/data/trigger_gtsrb.png'
-    import os
-    if not os.path.exists(os.path.join(os.path.dirname(__file__), '..', path)):
+    path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'trigger_gtsrb.png')
+    if not os.path.exists(path):
         pytest.skip('the shared trigger file is not here')
-    trigger = make_trigger('trojanTrigger', 32, trigger_path=os.path.join(os.path.dirname(__file__), '..', path))
+    trigger = make_trigger('trojanTrigger', 32, trigger_path=path)
     rows, cols = torch.nonzero(trigger['mask'].any(-1), as_tuple=True)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (25, 27, 25, 27)  # its 3x3 patch
 
