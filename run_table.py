@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import defenses
 from cli import UserError, main_guard, parse_args
-from defenses import ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, locked, short_hash
+from defenses import ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, locked, short_hash, zoo_model
 from files import atomic_write_bytes, write_csv
 
 COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
@@ -182,7 +182,8 @@ def main():
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
     columns = parse_list(args.defenses, 'defenses', DEFENSES)
-    if 'trojan' in attacks and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
+    needs_pattern = 'trojan' in attacks and not zoo_model(args, 'trojan')  # a zoo's trojan model carries it
+    if needs_pattern and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "
                         "(trigger/best_square_trigger_cifar10.npz of bboylyg/NAD)" +
                         (f", not found: '{args.trojan_pattern}'" if args.trojan_pattern else ''))

@@ -125,6 +125,13 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     r = run_script('run_table.py', '--attacks', 'badnet,trojan', '--table_dir', tmp_path / 'results', cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith('error: the trojan row needs --trojan_pattern')
     assert len(r.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    (tmp_path / 'w' / 'zoo' / 'gtsrb').mkdir(parents=True)  # a zoo's trojan model carries its pattern in its meta
+    (tmp_path / 'w' / 'zoo' / 'gtsrb' / 'trojan.tar').write_bytes(b'x')
+    r = run_script('run_table.py', '--dataset', 'GTSRB', '--attacks', 'trojan', '--checkpoint_root', tmp_path / 'w',
+                   '--table_dir', tmp_path / 'results', '--data_root', tmp_path / 'nothing', cwd=tmp_path)
+    assert 'needs --trojan_pattern' not in r.stderr, r.stderr
+    shutil.rmtree(tmp_path / 'w')
+    shutil.rmtree(tmp_path / 'results', ignore_errors=True)
 
     import defenses
     from cli import parse_args
