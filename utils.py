@@ -168,7 +168,9 @@ def data_parallel(model, device, args):
     if args.world_size == 1:
         return model
     # each rank sees 1/world of the global batch: BatchNorm's statistics over all of it, as one process has them
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm(unwrap(model))  # in place: the BN layers are replaced
+    # (SyncBatchNorm runs on GPUs only; gloo ranks on CPUs keep per-rank statistics)
+    if device.type == 'cuda':
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(unwrap(model))  # in place: the BN layers are replaced
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
 
