@@ -205,3 +205,16 @@ def test_rank_zero_loads_first_and_one_ranks_nan_stops_every_rank(tmp_path):
     log = (tmp_path / 'log').read_text().split('\n')
     assert log[:2] == ['start 0', 'end 0'], log  # rank 1 waited for rank 0 (the download, the cache)
     assert (tmp_path / 'finite0').read_text() == 'False' == (tmp_path / 'finite1').read_text()
+
+
+def test_batchnorm_runs_synchronised_across_gpu_ranks_only(monkeypatch):
+    """Under torchrun each rank sees a slice of the global batch: on GPUs its BatchNorm layers become
+    SyncBatchNorm (the statistics of the whole batch); gloo on CPUs cannot run it and keeps BatchNorm."""
+    from models import select_model
+    monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', lambda model, device_ids=None: model)
+    args = types.SimpleNamespace(world_size=2)
+    gpu = utils.data_parallel(select_model('WRN-10-1', 4), torch.device('cuda', 0), args)
+    cpu = utils.data_parallel(select_model('WRN-10-1', 4), torch.device('cpu'), args)
+    kinds = lambda m: {type(x) for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds(gpu) == {torch.nn.SyncBatchNorm} and kinds(cpu) == {torch.nn.BatchNorm2d}
+    assert list(gpu.state_dict()) == list(select_model('WRN-10-1', 4).state_dict())  # the checkpoint names stay
