@@ -51,8 +51,9 @@ def _attack(a):
     a('--trig_w', type=int, help="squareTrigger: the square's extent down the image, in rows (named as the "
       "references name it; their 'width' runs along the first image axis)")
     a('--trig_h', type=int, help="squareTrigger: the square's extent across the image, in columns")
-    a('--trigger_path', help="trojanTrigger's additive pattern (required: the references' "
-      'trigger/best_square_trigger_cifar10.npz); blendedTrigger\'s image (default: a fixed noise image)')
+    a('--trigger_path', help="trojanTrigger's pattern (required): an .npz added as the references add "
+      "best_square_trigger_cifar10.npz, or an image stamped as MCL stamps trigger_gtsrb.png; blendedTrigger's "
+      'image (default: a fixed noise image)')
 
 
 def _schedule(a):

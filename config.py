@@ -36,7 +36,7 @@ ATTACK = dict(
     inject_portion=0.1,        # poisoned fraction of the training set (cleanLabel: of the target class); 0 = clean control
     trig_w=3,                  # squareTrigger rows
     trig_h=3,                  # squareTrigger columns
-    trigger_path=None,         # trojanTrigger: the additive pattern (required); blendedTrigger: an image (None: fixed noise)
+    trigger_path=None,         # trojanTrigger: .npz added or an image stamped (required); blendedTrigger: an image (None: fixed noise)
 )
 
 # ============================================================================ every training script

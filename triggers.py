@@ -120,21 +120,19 @@ def read_pattern_image(path, image_size):
 
 
 def read_pattern_array(path, image_size):
-    """Additive pattern in pixel units, HxWxC or CxHxW, from .npy/.npz (key 'x' or the first) or an image."""
-    if str(path).endswith(('.npy', '.npz')):
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if isinstance(arr, np.lib.npyio.NpzFile):
-                arr = arr['x'] if 'x' in arr.files else arr[arr.files[0]]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise TriggerError(f'cannot read trigger pattern {path}: {e}')
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
-        if t.ndim == 3 and t.shape[0] == 3 and t.shape[-1] != 3:
-            t = t.permute(1, 2, 0)
-        if t.shape != (image_size, image_size, 3):
-            raise TriggerError(f'trigger pattern {path} has shape {tuple(t.shape)}, expected {image_size}x{image_size}x3')
-        return t.contiguous()
-    return read_pattern_image(path, image_size).float()
+    """Additive pattern in pixel units, HxWxC or CxHxW, from .npy/.npz (key 'x' or the first)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+        if isinstance(arr, np.lib.npyio.NpzFile):
+            arr = arr['x'] if 'x' in arr.files else arr[arr.files[0]]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise TriggerError(f'cannot read trigger pattern {path}: {e}')
+    t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+    if t.ndim == 3 and t.shape[0] == 3 and t.shape[-1] != 3:
+        t = t.permute(1, 2, 0)
+    if t.shape != (image_size, image_size, 3):
+        raise TriggerError(f'trigger pattern {path} has shape {tuple(t.shape)}, expected {image_size}x{image_size}x3')
+    return t.contiguous()
 
 
 def apply_trigger(trigger, x, generator=None):
