@@ -206,6 +206,7 @@ def _plot(a):
     a('--attacks', help='comma-separated attacks: one picture each')
     a('--seed', type=int, help="which seed's logs to draw")
     a('--robustness', action='store_true', help='draw <table_dir>/robustness.png from table.csv instead')
+    a('--dataset', help='the data set whose cells to draw (default: each in table.csv, a picture each)')
 
 
 def _gallery(a):

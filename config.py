@@ -213,6 +213,7 @@ PLOT_CURVES = dict(
     attacks='badnet',          # one picture per attack
     seed=0,                    # which seed's logs to draw
     robustness=False,          # draw robustness.png (ASR before and after re-tuning) from table.csv instead
+    dataset=None,              # None: a picture per data set in table.csv (CIFAR10's unsuffixed, e.g. _gtsrb else)
 )
 SHOW_TRIGGERS = dict(output='results/triggers.png')  # the gallery's PNG
 
@@ -221,14 +222,19 @@ SHOW_TRIGGERS = dict(output='results/triggers.png')  # the gallery's PNG
 # crop_flip: whether random crop and horizontal flip apply at all (backdoor training and defenses);
 # zoo: the folder under --checkpoint_root of its backdoored models (run_table.py's rows); clean_label_target:
 # the target of clean-label rows, which can poison only that class's images (GTSRB: class 2, the largest
-# with 2,250; class 0 has 210), the other rows target 0
+# with 2,250; class 0 has 210), the other rows target 0; small_classes: those with the fewest training
+# images, whose test accuracy table.md shows per defense (GTSRB: 210 images each; CIFAR is balanced)
 DATASETS = {
-    'CIFAR10': dict(classes=10, size=32, normalize='cifar', crop_flip=True, zoo='zoo', clean_label_target=0),
-    'CIFAR100': dict(classes=100, size=32, normalize='cifar', crop_flip=True, zoo='zoo/cifar100', clean_label_target=0),
+    'CIFAR10': dict(classes=10, size=32, normalize='cifar', crop_flip=True, zoo='zoo', clean_label_target=0,
+                    small_classes=()),
+    'CIFAR100': dict(classes=100, size=32, normalize='cifar', crop_flip=True, zoo='zoo/cifar100', clean_label_target=0,
+                     small_classes=()),
     # MCL's GTSRB: resized to 32x32, no crop or flip (a mirrored 'turn left' is 'turn right'), and its
     # test transform's mean/std (its training transform leaves them out: one normalisation here, both)
-    'GTSRB': dict(classes=43, size=32, normalize='gtsrb', crop_flip=False, zoo='zoo/gtsrb', clean_label_target=2),
-    'ImageFolder': dict(classes=None, size=32, normalize='none', crop_flip=True, zoo='zoo', clean_label_target=0),
+    'GTSRB': dict(classes=43, size=32, normalize='gtsrb', crop_flip=False, zoo='zoo/gtsrb', clean_label_target=2,
+                  small_classes=(0, 19, 37)),
+    'ImageFolder': dict(classes=None, size=32, normalize='none', crop_flip=True, zoo='zoo', clean_label_target=0,
+                        small_classes=()),
 }
 NORMALIZATIONS = {'cifar': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the references' CIFAR mean/std
                   'gtsrb': ((0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),  # MCL's GTSRB mean/std

@@ -139,6 +139,11 @@ def data_identity(args):
     return f"{args.dataset}:{hashlib.sha1(data_fingerprint(args.data_root).encode()).hexdigest()[:12]}"
 
 
+def dataset_of(settings):
+    """The data set's name in a cell's settings (its 'data' is data_identity's)."""
+    return settings['data'].split(':')[0]
+
+
 def model_settings(args, attack):
     """Everything that decides the backdoored model of a row: the zoo file's content, or how it is trained."""
     zoo = zoo_model(args, attack)
@@ -149,9 +154,16 @@ def model_settings(args, attack):
 
 
 def cell_settings(args, attack):
-    """Everything that decides a cell's result besides its defense and defense seed."""
+    """Everything that decides a cell's result besides its defense and defense seed. A row trained here
+    counts by its content too (built first if absent): a retrain under other code or another float order
+    is another model, and its cells never join the old one's."""
+    model = model_settings(args, attack)
+    if 'zoo' not in model:
+        path, build = row_model(args, attack)
+        build()
+        model['model'] = content_hash(path)
     # precision only where not the default, so the cells run before it was passed on keep their keys
-    return dict(model_settings(args, attack), data=data_identity(args), ratio=args.ratio,
+    return dict(model, data=data_identity(args), ratio=args.ratio,
                 **({'precision': args.precision} if args.precision != 'auto' else {}),
                 **({'deterministic': True} if args.deterministic else {}))
 

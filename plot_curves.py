@@ -4,6 +4,10 @@ robustness picture: ASR before and after the retuning attack, per attack and def
     python plot_curves.py                         # results/curves_badnet.png from results/logs/<settings>/s0
     python plot_curves.py --attacks blended,wanet # one picture per attack
     python plot_curves.py --robustness            # results/robustness.png
+    python plot_curves.py --dataset GTSRB         # only GTSRB's: results/curves_badnet_gtsrb.png
+
+A picture per data set in table.csv: CIFAR-10's as named above, the others' with the data set's name
+added (robustness_gtsrb.png).
 
 Needs matplotlib (optional: pip install matplotlib); nothing else in the project imports it.
 Epoch 0 is the backdoored model; rows before the last score a fixed --eval_subset of the
@@ -16,13 +20,31 @@ import json
 import os
 
 from cli import UserError, main_guard, parse_args
-from defenses import DEFENSES
+from defenses import DEFENSES, dataset_of
 from files import atomic_write_bytes
 
 
-def log_folder(table_dir, seed, attack):
-    """The newest of run_table.py's log folders (one per set of settings) with this attack's logs."""
-    found = glob.glob(os.path.join(table_dir, 'logs', '*', f's{seed}', f'*_{attack}.csv'))
+def picture_path(table_dir, stem, dataset):
+    """results/<stem>.png for CIFAR-10 (the first data set), results/<stem>_<data set>.png for the others."""
+    return os.path.join(table_dir, f'{stem}.png' if dataset == 'CIFAR10' else f'{stem}_{dataset.lower()}.png')
+
+
+def table_rows(table_dir, dataset=None):
+    """table.csv's cells (on this data set, which their settings name), [] where there is no table yet."""
+    path = os.path.join(table_dir, 'table.csv')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [dict(r, dataset=dataset_of(json.loads(r['settings']))) for r in csv.DictReader(f)]
+    return [r for r in rows if dataset in (None, r['dataset'])]
+
+
+def log_folder(table_dir, seed, attack, dataset):
+    """The newest of run_table.py's log folders (one per set of settings) with this attack's logs on this
+    data set (a folder is named by its settings' hash, which table.csv ties to a data set)."""
+    keys = {r['settings_key'] for r in table_rows(table_dir, dataset)}
+    found = [p for p in glob.glob(os.path.join(table_dir, 'logs', '*', f's{seed}', f'*_{attack}.csv'))
+             if os.path.basename(os.path.dirname(os.path.dirname(p))) in keys]
     return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
 
 
@@ -78,11 +100,10 @@ def plot(curves, title):
     return png(fig, plt)
 
 
-def read_robustness(table_csv):
-    """-> {attack: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or None)}} over
-    the seeds, from table.csv."""
-    with open(table_csv) as f:
-        rows = [r for r in csv.DictReader(f) if r.get('ASR_retuned')]
+def read_robustness(rows):
+    """table.csv's rows -> {attack: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or
+    None)}} over the seeds of the re-tuned cells."""
+    rows = [r for r in rows if r.get('ASR_retuned')]
     out = {}
     for attack in dict.fromkeys(r['attack'] for r in rows):
         for name, d in DEFENSES.items():
@@ -124,24 +145,35 @@ def plot_robustness(data):
 
 def main():
     args = parse_args('plot_curves.py', description=__doc__.split('\n\n')[0])
+    datasets = [args.dataset] if args.dataset else dict.fromkeys(r['dataset'] for r in table_rows(args.table_dir))
+    drawn = [out for dataset in datasets for out in draw(args, dataset)]
+    if not drawn:
+        which = f'{args.dataset} ' if args.dataset else ''
+        what = 're-tuned cells' if args.robustness else f'defense logs for {args.attacks}'
+        how = 'run_table.py' if args.robustness else f'run_table.py --attacks {args.attacks}'
+        raise UserError(f'no {which}{what} under {args.table_dir} (run {how} first)')
+
+
+def draw(args, dataset):
+    """Write the data set's pictures -> their paths (none where its cells or logs are missing)."""
     if args.robustness:
-        table = os.path.join(args.table_dir, 'table.csv')
-        data = read_robustness(table) if os.path.exists(table) else {}
+        data = read_robustness(table_rows(args.table_dir, dataset))
         if not data:
-            raise UserError(f'no re-tuned cells in {table} (run run_table.py without --skip_retune first)')
-        out = os.path.join(args.table_dir, 'robustness.png')
+            return []
+        out = picture_path(args.table_dir, 'robustness', dataset)
         atomic_write_bytes(plot_robustness(data), out)
         print(f"{out}: {', '.join(data)}")
-        return
+        return [out]
+    written = []
     for attack in [a.strip() for a in args.attacks.split(',')]:
-        log_dir = log_folder(args.table_dir, args.seed, attack)
+        log_dir = log_folder(args.table_dir, args.seed, attack, dataset)
         curves = read_curves(log_dir, attack) if log_dir else {}
-        if not curves:
-            raise UserError(f'no defense logs for {attack} under {args.table_dir}/logs (run run_table.py --attacks '
-                            f'{attack} first)')
-        out = os.path.join(args.table_dir, f'curves_{attack}.png')
-        atomic_write_bytes(plot(curves, f'Defenses on the {attack} WRN-16-1 (5% clean data)'), out)
-        print(f"{out}: {', '.join(curves)}")
+        if curves:
+            out = picture_path(args.table_dir, f'curves_{attack}', dataset)
+            atomic_write_bytes(plot(curves, f'Defenses on the {dataset} {attack} WRN-16-1 (5% clean data)'), out)
+            print(f"{out}: {', '.join(curves)}")
+            written.append(out)
+    return written
 
 
 if __name__ == '__main__':

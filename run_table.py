@@ -25,9 +25,11 @@ import sys
 import torch
 from tqdm import tqdm
 
+import config
 import defenses
 from cli import UserError, main_guard, parse_args
-from defenses import ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, locked, short_hash, zoo_model
+from defenses import (ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, dataset_of, locked, short_hash,
+                      zoo_model)
 from files import atomic_write_bytes, write_csv
 
 COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
@@ -62,11 +64,21 @@ def mean_std(values):
     return f'{statistics.mean(values):.2f}' + (f' ± {statistics.stdev(values):.2f}' if len(values) > 1 else '')
 
 
-MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed')  # what only says which model a row starts from
+MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed', 'model')  # what only says which model a row starts from
 
 
 SHOWN = (('ACC', 'ACC'), ('ACC_target', 'ACC_target'), ('ASR', 'ASR'), ('ASR_retuned', 'ASR re-tuned'),
          ('RA_retuned', 'RA re-tuned'))  # a cell's numbers in table.md, in this order
+
+
+def class_columns(per_class, small):
+    """The mean over the seeds of the test accuracy per class -> [its lowest class as 'acc (id)', and the
+    small classes' accuracies 'a / b / c' where the data set names some]; dashes where none was kept."""
+    if not per_class:
+        return ['–'] + (['–'] if small else [])
+    mean = [statistics.mean(column) for column in zip(*per_class)]
+    lowest = min(range(len(mean)), key=mean.__getitem__)
+    return [f'{mean[lowest]:.1f} ({lowest})'] + ([' / '.join(f'{mean[c]:.1f}' for c in small)] if small else [])
 
 
 def write_markdown(rows, path):
@@ -85,9 +97,11 @@ def write_markdown(rows, path):
         models = list(dict.fromkeys(r['settings_key'] for r in group))  # in the rows' order (attack order)
         for key in models:
             rows_of = [r for r in group if r['settings_key'] == key]
+            small = config.DATASETS[dataset_of(rows_of[0]['settings'])]['small_classes']
+            per_class = ['lowest class (id)'] + ([f"classes {' / '.join(map(str, small))}"] if small else [])
             lines += ['', f"**{rows_of[0]['attack']}** [{key}]", '',
-                      '| defense | ' + ' | '.join(label for _, label in SHOWN) + ' | n | s |',
-                      '|' + ' --- |' * (len(SHOWN) + 3)]
+                      '| defense | ' + ' | '.join([label for _, label in SHOWN] + per_class) + ' | n | s |',
+                      '|' + ' --- |' * (len(SHOWN) + len(per_class) + 3)]
             for d, spec in DEFENSES.items():
                 got = [r for r in rows_of if r['defense'] == d]
                 if not got:
@@ -97,6 +111,7 @@ def write_markdown(rows, path):
                 warned = ' ⚠' * any(r.get('warning') for r in got)
                 seconds = statistics.mean(float(r['seconds']) for r in got)
                 told = '' if d in BLIND or d in ('none', 'floor') else ' (told the target)'
+                shown += class_columns([r['per_class'] for r in got if r.get('per_class')], small)
                 lines.append(f"| {spec['label']}{told}{warned} | " + ' | '.join(shown) + f' | {len(got)} | {seconds:.0f} |')
         first = {r['settings_key']: r for r in reversed(group)}
         lines += [''] + [f"[{key}] " + json.dumps({k: v for k, v in first[key]['settings'].items()

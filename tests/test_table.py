@@ -62,11 +62,13 @@ def test_table_fills_each_cell_once_and_resumes(backdoored, clean_control, image
     pytest.importorskip('matplotlib', reason='plot_curves.py needs the optional matplotlib')
     p = run_script('plot_curves.py', '--table_dir', tmp_path / 'results')
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / 'results' / 'curves_badnet.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'results' / 'curves_badnet_imagefolder.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'FT, NAD, ARGD, MCL' in p.stdout
     p = run_script('plot_curves.py', '--table_dir', tmp_path / 'results', '--robustness')
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / 'results' / 'robustness.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'results' / 'robustness_imagefolder.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    p = run_script('plot_curves.py', '--table_dir', tmp_path / 'results', '--robustness', '--dataset', 'GTSRB')
+    assert p.returncode != 0 and p.stderr.strip().startswith('error: no GTSRB re-tuned cells'), p.stderr
 
 
 @pytest.mark.slow
@@ -151,6 +153,39 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     assert flags[flags.index('--trigger_path') + 1] == 'x.npz' and flags[flags.index('--seed') + 1] == '3'
     assert '--trigger_path' not in score_flags  # the pattern travels in the checkpoint's meta
     assert score_flags[score_flags.index('--seed') + 1] == '4'  # the defense seed
+
+
+def test_per_class_columns_show_the_lowest_class_and_the_small_ones():
+    from run_table import class_columns
+    seeds = [[90.0, 40.0, 80.0, 70.0], [90.0, 60.0, 40.0, 70.0]]  # class means 90, 50, 60, 70
+    assert class_columns(seeds, ()) == ['50.0 (1)']
+    assert class_columns(seeds, (2, 3)) == ['50.0 (1)', '60.0 / 70.0']
+    assert class_columns([], (0,)) == ['–', '–']
+
+
+def test_a_row_trained_here_is_keyed_by_its_content(tmp_path, monkeypatch):
+    """Retraining a row's model (other code, another float order) gives other cells, never the old key."""
+    import defenses
+    from cli import parse_args
+    trainings = []
+
+    def fake_run(script, *flags):
+        flags = [str(f) for f in flags]
+        trainings.append(script)
+        with open(flags[flags.index('--output') + 1], 'wb') as f:
+            f.write(f'model {len(trainings)}'.encode())
+        return {'ACC': 1.0}, 1.0
+    monkeypatch.setattr(defenses, 'run', fake_run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'x.npz').write_bytes(b'a pattern')
+    args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--checkpoint_root', tmp_path])
+    first = defenses.cell_settings(args, 'trojan')
+    assert trainings == ['train_badnet.py'] and defenses.cell_settings(args, 'trojan') == first  # built once
+    path, _ = defenses.row_model(args, 'trojan')
+    os.remove(path)
+    again = defenses.cell_settings(args, 'trojan')
+    assert len(trainings) == 2 and defenses.short_hash(again) != defenses.short_hash(first)
+    assert {k: v for k, v in again.items() if k != 'model'} == {k: v for k, v in first.items() if k != 'model'}
 
 
 @pytest.mark.slow
