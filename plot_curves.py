@@ -101,18 +101,22 @@ def plot(curves, title):
 
 
 def read_robustness(rows):
-    """table.csv's rows -> {attack: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or
-    None)}} over the seeds of the re-tuned cells."""
+    """table.csv's rows -> {model: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or
+    None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
+    attack has cells on several models (a retrained row), so two models never share a bar."""
     rows = [r for r in rows if r.get('ASR_retuned')]
+    models = list(dict.fromkeys((r['attack'], r['settings_key']) for r in rows))
+    attacks = [attack for attack, _ in models]
     out = {}
-    for attack in dict.fromkeys(r['attack'] for r in rows):
+    for attack, key in models:
+        title = attack if attacks.count(attack) == 1 else f'{attack} [{key}]'
         for name, d in DEFENSES.items():
-            got = [r for r in rows if r['attack'] == attack and r['defense'] == name]
+            got = [r for r in rows if (r['attack'], r['settings_key'], r['defense']) == (attack, key, name)]
             if got:
                 mean = lambda k: sum(float(r[k]) for r in got) / len(got)
                 paths = [json.loads(r['path_ASR']) for r in got if r.get('path_ASR')]
                 path = [sum(p[i] for p in paths) / len(paths) for i in range(len(paths[0]))] if paths else None
-                out.setdefault(attack, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), path)
+                out.setdefault(title, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), path)
     return out
 
 

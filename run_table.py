@@ -64,7 +64,8 @@ def mean_std(values):
     return f'{statistics.mean(values):.2f}' + (f' ± {statistics.stdev(values):.2f}' if len(values) > 1 else '')
 
 
-MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed', 'model')  # what only says which model a row starts from
+# what only says which model a row starts from
+MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed', 'model')
 
 
 SHOWN = (('ACC', 'ACC'), ('ACC_target', 'ACC_target'), ('ASR', 'ASR'), ('ASR_retuned', 'ASR re-tuned'),

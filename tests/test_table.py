@@ -163,6 +163,15 @@ def test_per_class_columns_show_the_lowest_class_and_the_small_ones():
     assert class_columns([], (0,)) == ['–', '–']
 
 
+def test_the_robustness_picture_never_averages_two_models_of_one_attack():
+    from plot_curves import read_robustness
+    cell = lambda key, asr: dict(attack='trojan', settings_key=key, defense='ft', ASR=asr, ASR_retuned='1.0',
+                                 path_ASR='')
+    got = read_robustness([cell('old', '4.0'), cell('new', '2.0'), cell('new', '3.0')])
+    assert got == {'trojan [old]': {'FT': (4.0, 1.0, None)}, 'trojan [new]': {'FT': (2.5, 1.0, None)}}
+    assert list(read_robustness([cell('new', '2.0')])) == ['trojan']
+
+
 def test_a_row_trained_here_is_keyed_by_its_content(tmp_path, monkeypatch):
     """Retraining a row's model (other code, another float order) gives other cells, never the old key."""
     import defenses
