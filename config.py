@@ -213,7 +213,7 @@ PLOT_CURVES = dict(
     attacks='badnet',          # one picture per attack
     seed=0,                    # which seed's logs to draw
     robustness=False,          # draw robustness.png (ASR before and after re-tuning) from table.csv instead
-    dataset=None,              # None: a picture per data set in table.csv (CIFAR10's unsuffixed, e.g. _gtsrb else)
+    dataset=None,              # None: pictures for each data set in table.csv (named with _gtsrb etc.; CIFAR10 without)
 )
 SHOW_TRIGGERS = dict(output='results/triggers.png')  # the gallery's PNG
 

@@ -29,20 +29,18 @@ def picture_path(table_dir, stem, dataset):
     return os.path.join(table_dir, f'{stem}.png' if dataset == 'CIFAR10' else f'{stem}_{dataset.lower()}.png')
 
 
-def table_rows(table_dir, dataset=None):
-    """table.csv's cells (on this data set, which their settings name), [] where there is no table yet."""
+def table_rows(table_dir):
+    """table.csv's cells, each with the data set its settings name; [] where there is no table yet."""
     path = os.path.join(table_dir, 'table.csv')
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [dict(r, dataset=dataset_of(json.loads(r['settings']))) for r in csv.DictReader(f)]
-    return [r for r in rows if dataset in (None, r['dataset'])]
+        return [dict(r, dataset=dataset_of(json.loads(r['settings']))) for r in csv.DictReader(f)]
 
 
-def log_folder(table_dir, seed, attack, dataset):
-    """The newest of run_table.py's log folders (one per set of settings) with this attack's logs on this
-    data set (a folder is named by its settings' hash, which table.csv ties to a data set)."""
-    keys = {r['settings_key'] for r in table_rows(table_dir, dataset)}
+def log_folder(table_dir, seed, attack, keys):
+    """The newest of run_table.py's log folders (one per set of settings, named by its hash) with this
+    attack's logs, among the settings `keys` (one data set's)."""
     found = [p for p in glob.glob(os.path.join(table_dir, 'logs', '*', f's{seed}', f'*_{attack}.csv'))
              if os.path.basename(os.path.dirname(os.path.dirname(p))) in keys]
     return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
@@ -149,8 +147,9 @@ def plot_robustness(data):
 
 def main():
     args = parse_args('plot_curves.py', description=__doc__.split('\n\n')[0])
-    datasets = [args.dataset] if args.dataset else dict.fromkeys(r['dataset'] for r in table_rows(args.table_dir))
-    drawn = [out for dataset in datasets for out in draw(args, dataset)]
+    rows = table_rows(args.table_dir)
+    datasets = [args.dataset] if args.dataset else dict.fromkeys(r['dataset'] for r in rows)
+    drawn = [out for dataset in datasets for out in draw(args, dataset, [r for r in rows if r['dataset'] == dataset])]
     if not drawn:
         which = f'{args.dataset} ' if args.dataset else ''
         what = 're-tuned cells' if args.robustness else f'defense logs for {args.attacks}'
@@ -158,10 +157,10 @@ def main():
         raise UserError(f'no {which}{what} under {args.table_dir} (run {how} first)')
 
 
-def draw(args, dataset):
-    """Write the data set's pictures -> their paths (none where its cells or logs are missing)."""
+def draw(args, dataset, rows):
+    """Write the data set's pictures from its table rows -> their paths (none where cells or logs are missing)."""
     if args.robustness:
-        data = read_robustness(table_rows(args.table_dir, dataset))
+        data = read_robustness(rows)
         if not data:
             return []
         out = picture_path(args.table_dir, 'robustness', dataset)
@@ -170,7 +169,7 @@ def draw(args, dataset):
         return [out]
     written = []
     for attack in [a.strip() for a in args.attacks.split(',')]:
-        log_dir = log_folder(args.table_dir, args.seed, attack, dataset)
+        log_dir = log_folder(args.table_dir, args.seed, attack, {r['settings_key'] for r in rows})
         curves = read_curves(log_dir, attack) if log_dir else {}
         if curves:
             out = picture_path(args.table_dir, f'curves_{attack}', dataset)
