@@ -112,7 +112,6 @@ MAIN_ARGD = dict(
     qk_dim=128,                # ARGD: query/key size of the embedding loss
     train_projections=False,   # ARGD: optimise the embedding's projections (the reference leaves them random)
     source='none',             # none (the papers), or inverted: a synthesised trigger on SHARE of each batch, true labels
-    rho=0.0,                   # > 0: the gradient taken rho towards the backdoored weights (PAM's step); 0 = the papers
 )
 
 # ============================================================================ main_mcl.py
@@ -129,7 +128,6 @@ MAIN_MCL = dict(
     asr_bound=0.9,             # success a pattern must reach to count
     init_cost=1e-3,            # initial weight of the pattern-size penalty
     force=False,               # erase even when no target is detected (with the smallest pattern's class)
-    rho=0.0,                   # > 0: the gradient taken rho towards the backdoored weights (PAM's step); 0 = the paper
     keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
 
@@ -200,7 +198,7 @@ BENCHMARK = dict(
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(
     attacks='badnet,blended,sig-cl,wanet',  # rows, see defenses.ATTACKS (trojan needs --trojan_pattern)
-    defenses='none,ft,nad,argd,mcl,mcl-tk,argd-si,argd-si-pam,mcl-pam,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
+    defenses='none,ft,nad,argd,mcl,mcl-tk,argd-si,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
     seeds='0',                 # comma-separated defense seeds: the clean subset, teacher and initialisation
     model_seed=0,              # the backdoored models' seed (0: the zoo's models where they exist)
     shard=None,                # K/N: only the K-th (from 0) of N fixed slices of the cells (job arrays)

@@ -10,9 +10,9 @@ each defense's own steps and epochs (config.DEFENSE_SCHEDULES: ARGD 10 epochs, /
 and 6; NAD 20 epochs, /10 at 2, /100 at 20). The erased model goes to
 <checkpoint_root>/erasing_net/.
 
-Not in the papers (the -SI and -PAM variants, file names <s_name>[-nad]-si[-pam]): --source inverted
-stamps MCL's detection's pattern (a synthesised trigger, main_ft.py's FT-SI) on --adv_share of each
-batch at true labels; --rho > 0 takes the gradient at PAM's path-aware point.
+Not in the papers (the -SI variant, file names <s_name>[-nad]-si): --source inverted stamps MCL's
+detection's pattern (a synthesised trigger, main_ft.py's FT-SI) on --adv_share of each batch at true
+labels. (PAM's path-aware gradient on top was measured not to help and is not kept: results/README.md.)
 """
 import copy
 import os
@@ -28,14 +28,14 @@ from config import DEFENSE_SCHEDULES
 from data_loader import Normalizer
 from files import check_writable
 from mcl import synthesised_trigger
-from purify import path_aware, with_pattern_share
+from purify import with_pattern_share
 from teacher import check_student, distillation_batches, finetune, teacher_path
 from utils import defender_check, defense_meta, defense_setup, fit, load_model, step_lr, summary_line
 
 
 def variant_suffix(args):
-    """-si with a synthesised trigger, -pam with the path-aware gradient: the variants' own file names."""
-    return ('-si' if args.source == 'inverted' else '') + ('-pam' if args.rho else '')
+    """-si with a synthesised trigger: the variant's own file names."""
+    return '-si' if args.source == 'inverted' else ''
 
 
 def main():
@@ -87,8 +87,7 @@ def main():
     metrics = fit(args, student, loss_fn, batches, lr_at, data.test, data.normalizer,
                   out_path=out, csv_path=csv_path, meta=dict(defense_meta(run.meta, args, args.defense), **synthesised),
                   params=params,
-                  extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense,
-                  gradient_point=path_aware(student, args.rho))
+                  extra_modules=extra, nesterov=True, evaluate_first=True, tag=args.defense)
     metrics.update(synthesised)
     defender_check(run, student, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')

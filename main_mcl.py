@@ -28,7 +28,6 @@ from data_loader import Normalizer, train_batches
 from files import check_writable
 from mcl import (add_pattern, contrastive_loss, find_target, frozen_features, invert_triggers, keep_target_loss,
                  trigger_picture)
-from purify import path_aware
 from triggers import apply_trigger
 from utils import defender_check, defense_meta, defense_setup, evaluate, fit, predict, step_lr, summary_line
 
@@ -51,7 +50,7 @@ def main():
     t0 = time.time()
     run = defense_setup(args)
     model, data = run.model, run.data
-    tag = ('mcl-tk' if args.keep_target else 'mcl') + ('-pam' if args.rho else '')
+    tag = 'mcl-tk' if args.keep_target else 'mcl'
     csv_path = os.path.join(args.log_root, f'{tag}_{run.s_name}.csv')
     png_path = os.path.join(args.log_root, f'{tag}_{run.s_name}_trigger.png')
     out = args.output or os.path.join(args.checkpoint_root, f'{tag}_net', f'{run.s_name}.tar')
@@ -122,7 +121,7 @@ def main():
     meta = dict(defense_meta(run.meta, args, tag),
                 mcl={'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']})
     metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-                  meta=meta, evaluate_first=True, tag=tag, gradient_point=path_aware(model, args.rho))
+                  meta=meta, evaluate_first=True, tag=tag)
     defender_check(run, model, args, metrics)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}; trigger picture {png_path}')
     print(summary_line(metrics, args.json))

@@ -44,7 +44,7 @@ def test_a_checkpoint_written_on_cuda_loads_on_a_cpu_only_machine(cuda_model):
 @pytest.mark.parametrize('script, flags', [
     ('train_teacher.py', ['--teacher_epochs', 1]),
     ('main-ARGD.py', ['--epochs', 1, '--teacher_epochs', 1]),
-    ('main-ARGD.py', ['--defense', 'nad', '--epochs', 1, '--teacher_epochs', 1, '--source', 'inverted', '--rho', 0.5]),
+    ('main-ARGD.py', ['--defense', 'nad', '--epochs', 1, '--teacher_epochs', 1, '--source', 'inverted']),
     ('main_mcl.py', ['--epochs', 1, '--detect_epochs', 2, '--inv_epochs', 2]),
     ('main_mcl.py', ['--epochs', 1, '--mcl_target', 0, '--inv_epochs', 2, '--keep_target']),
     ('main_ft.py', ['--defense', 'ft-at', '--epochs', 1]),
