@@ -190,10 +190,11 @@ def row_model(args, attack):
     return path, lambda: built_once(path, 'train_badnet.py', flags)
 
 
-def cell_commands(args, attack, seed, work, log_root, given_model=None):
-    """-> {defense: function returning (metrics, seconds)} for the cells of one (attack, defense seed):
-    on given_model, else the zoo's model, else one trained here with --model_seed (built when first
-    needed, in <checkpoint_root>/table/<hash of its settings>/). Outputs go to `work`."""
+def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tuple(DEFENSES)):
+    """-> {defense: function returning (metrics, seconds)} for the cells `names` of one (attack, defense
+    seed): on given_model, else the zoo's model, else one trained here with --model_seed (built when first
+    needed, in <checkpoint_root>/table/<hash of its settings>/). Outputs go to `work`. The clean control's
+    model is looked up only where the floor is asked for."""
     common = common_flags(args, seed)
     trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
     path, model = (given_model, lambda: None) if given_model else row_model(args, attack)
@@ -228,7 +229,7 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
         model()
         return run('evaluate.py', '--model', path, *common)
 
-    clean_path, clean_model = row_model(args, 'clean')
+    clean_path, clean_model = row_model(args, 'clean') if 'floor' in names else (None, None)
     under_row = ['--attack_from', path]  # the clean control, scored and re-tuned under this row's attack
 
     def floor():
@@ -254,4 +255,4 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None):
 
     cells = {'none': (undefended, path), 'ft': (ft_cell, teacher), 'floor': (floor, clean_path, under_row)}
     return {name: retuned(*(cells.get(name) or (defended(name), os.path.join(work, f'{attack}-{name}.tar'))))
-            for name in DEFENSES}
+            for name in names}

@@ -137,7 +137,7 @@ def work_through(args, cells):
                 continue
             work = os.path.join(args.checkpoint_root, 'table', key, f's{seed}')
             log_root = os.path.join(args.table_dir, 'logs', key, f's{seed}')
-            metrics, seconds = cell_commands(args, attack, seed, work, log_root)[defense]()
+            metrics, seconds = cell_commands(args, attack, seed, work, log_root, names=[defense])[defense]()
             row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in COLUMNS},
                        **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
                                                         'warning', 'synthesised_class')},

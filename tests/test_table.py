@@ -155,6 +155,28 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     assert score_flags[score_flags.index('--seed') + 1] == '4'  # the defense seed
 
 
+def test_benchmark_times_every_defense_on_the_given_model_without_a_table(monkeypatch, tmp_path):
+    """benchmark.py --end_to_end reads no table options (no --model_seed) and needs no clean control."""
+    import benchmark
+    import defenses
+    from cli import parse_args
+    calls = []
+
+    def fake_run(script, *flags):
+        flags = [str(f) for f in flags]
+        calls.append((script, flags))
+        if script == 'train_teacher.py':  # the teacher is built once, as a file, before NAD and ARGD
+            open(flags[flags.index('--output') + 1], 'wb').close()
+        return {'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0
+    monkeypatch.setattr(defenses, 'run', fake_run)
+    args = parse_args('benchmark.py', ['--data_root', 'd', '--end_to_end', '--s_model', str(tmp_path / 'bd.tar')])
+    timed = list(benchmark.defense_wall_times(args))
+    assert [name for name, _, _ in timed] == [d['label'] for k, d in DEFENSES.items() if k not in ('none', 'floor')]
+    assert {script for script, _ in calls} == {d['script'] for d in DEFENSES.values()} - {'evaluate.py'}
+    assert all(flags[flags.index('--s_model') + 1] == str(tmp_path / 'bd.tar') for _, flags in calls)
+    assert not any(script == 'retune.py' for script, _ in calls)  # wall times of the defenses alone
+
+
 def test_per_class_columns_show_the_lowest_class_and_the_small_ones():
     from run_table import class_columns
     seeds = [[90.0, 40.0, 80.0, 70.0], [90.0, 60.0, 40.0, 70.0]]  # class means 90, 50, 60, 70
