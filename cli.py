@@ -178,8 +178,8 @@ def _benchmark(a):
     a('--batch_size', type=int, help='training batch size of the timed steps')
     a('--compile', action='store_true', help='also time the train step under torch.compile')
     a('--checkpoint_root', help='--end_to_end: where the shipped models are')
-    a('--end_to_end', action='store_true', help='also time FT, NAD, ARGD and MCL end to end on --data_root with the '
-      'shipped model (minutes on a CPU)')
+    a('--end_to_end', action='store_true', help='also time every defense (the table\'s '
+      'columns) end to end on --data_root with the shipped model (half an hour on a 2-core CPU)')
 
 
 def _table_dir(a):
