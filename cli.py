@@ -135,6 +135,8 @@ def _ft(a):
     a('--adv_eps', type=float, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
     a('--adv_step', type=float, help='FT-AT/PAM: PGD step size')
     a('--adv_steps', type=int, help='PGD steps')
+    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones where '
+      'the gradient is taken (0: plain gradient)')
     a('--alpha', type=float, help='FST: weight of the inner product of the new head with the original head')
     a('--sau_beta_adv', type=float, help='SAU: weight of the adversarial term of the shared PGD')
     a('--sau_beta_shared', type=float, help='SAU: weight of the agreement (JS) term of the shared PGD')
@@ -151,11 +153,6 @@ def _interpolate(a):
 def _share(a):
     a('--adv_share', type=float, help='share of each batch replaced by PGD or synthesised-trigger images at their '
       'true labels')
-
-
-def _rho(a):
-    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones where '
-      'the gradient is taken (0: plain gradient)')
 
 
 def _attack_from(a):
@@ -226,7 +223,7 @@ SCRIPTS = {
                      (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD, C.SHARE)),
     'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl),
                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_MCL)),
-    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft, _share, _rho),
+    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft, _share),
                    (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_FT, C.SHARE)),
     'evaluate.py': ((_run, _model, _attack, _evaluate, _attack_from), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE,
                                                                       C.ATTACK_FROM)),
