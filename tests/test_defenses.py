@@ -30,7 +30,10 @@ def test_evaluate_reproduces_the_training_summary(backdoored, image_folder):
 
 @pytest.mark.slow
 def test_argd_without_teacher_fine_tunes_one_and_erases(backdoored, image_folder, tmp_path):
-    r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path))
+    # lr 0.01, not the published 0.1: on 200 toy images the first epoch's distillation loss (~4-8) kicks
+    # the student so hard at 0.1 that whether a whole class comes back by epoch 10 flipped with the
+    # precision and thread count (ASR 33.33 in fp32 on 2 threads, 0 elsewhere); the teacher keeps its recipe
+    r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path), '--lr', 0.01)
     assert r.returncode == 0, r.stderr
     assert 'not found: fine-tuning one' in r.stdout
     teacher = tmp_path / 'w' / 't_net' / 'bd.tar'

@@ -210,7 +210,7 @@ def test_mcl_tk_erases_and_keeps_the_target_class(backdoored, image_folder, tmp_
 @pytest.mark.slow
 def test_argd_with_a_synthesised_trigger_erases_and_writes_its_own_files(backdoored, image_folder, tmp_path):
     r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path), '--batch_size', 32, '--source',
-                   'inverted')
+                   'inverted', '--lr', 0.01)  # 0.01: see test_argd_without_teacher_fine_tunes_one_and_erases
     assert r.returncode == 0, r.stderr
     assert 'synthesised trigger: class 0' in r.stdout and 'path-aware' not in r.stdout, r.stdout
     m = summary(r.stdout)
