@@ -30,9 +30,10 @@ def test_evaluate_reproduces_the_training_summary(backdoored, image_folder):
 
 @pytest.mark.slow
 def test_argd_without_teacher_fine_tunes_one_and_erases(backdoored, image_folder, tmp_path):
-    # lr 0.01, not the published 0.1: on 200 toy images the first epoch's distillation loss (~4-8) kicks
-    # the student so hard at 0.1 that whether a whole class comes back by epoch 10 flipped with the
-    # precision and thread count (ASR 33.33 in fp32 on 2 threads, 0 elsewhere); the teacher keeps its recipe
+    # lr 0.01, not the published 0.1: on 200 toy images the first epoch's distillation loss (4.7-8.4) kicks
+    # the student so hard at 0.1 that whether a whole class is back by epoch 10 flipped with the precision,
+    # CPU and thread count (ASR 33.33 once, fp32 at 2 threads; 0 elsewhere). At 0.01 every run measured
+    # (fp32 and bf16, 1 and 2 threads) ended at ASR 0, ACC 100. The teacher keeps its recipe.
     r = run_script('main-ARGD.py', *common(backdoored, image_folder, tmp_path), '--lr', 0.01)
     assert r.returncode == 0, r.stderr
     assert 'not found: fine-tuning one' in r.stdout
