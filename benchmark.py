@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import config
 from cli import main_guard, parse_args
 from data_loader import Normalizer, train_batches
-from defenses import DEFENSES, cell_commands
-from mcl import size_penalty, stamp
+from device import autocast, prepare_model, setup
+from inversion import size_penalty, stamp
 from models import select_model
-from utils import autocast, prepare_model, setup
+from table import COLUMNS, cell_commands
 
 
 def timed(fn, device, repeat=1):
@@ -117,10 +117,10 @@ def defense_wall_times(args):
     commands as run_table.py's cells): (name, seconds, summary) per defense."""
     model = args.s_model or os.path.join(args.checkpoint_root, 's_net', f"{config.MODEL['arch']}.tar")
     with tempfile.TemporaryDirectory() as tmp:
-        names = [name for name in DEFENSES if name not in ('none', 'floor')]  # FT first: NAD's and ARGD's teacher
+        names = [name for name in COLUMNS if name not in ('none', 'floor')]  # FT first: NAD's and ARGD's teacher
         for name, cell in cell_commands(args, 'badnet', args.seed, tmp, tmp, given_model=model, names=names).items():
             metrics, seconds = cell()
-            yield DEFENSES[name]['label'], seconds, metrics
+            yield COLUMNS[name]['label'], seconds, metrics
 
 
 def main():

@@ -5,16 +5,13 @@ import math
 import sys
 
 import config
+import defenses
+from data_loader import parse_normalize
+from errors import UserError
 from models import MODELS
 from triggers import TRIGGERS
 
 TARGET_TYPES = ('all2one', 'all2all', 'cleanLabel')
-DISTILLATIONS = ('argd', 'nad')  # main-ARGD.py --defense
-FT_DEFENSES = tuple(config.FT_RECIPES)  # main_ft.py --defense
-
-
-class UserError(Exception):
-    """Bad input. Scripts print it as one line on stderr and exit with status 2."""
 
 
 # ============================================================================ the options, by group
@@ -86,6 +83,10 @@ def _defense(a):
     a('--ratio', type=float, help='fraction of the training set the defense may use (clean), in (0, 1]')
 
 
+def _choose(a):
+    a('--defense', help='the defense (config.DEFENSES); `--defense KEY --help` shows the values it runs with')
+
+
 def _teacher(a):
     a('--t_model', help='teacher model (default: <checkpoint_root>/t_net/<s_name>.tar; fine-tuned from --s_model '
       'first if the file does not exist)')
@@ -94,27 +95,9 @@ def _teacher(a):
     a('--cutout', type=int, help="Cutout length of the distillation defenses' augmentation (0 = crop + flip only)")
 
 
-def _distill(a):
-    a('--defense', help=f'{", ".join(DISTILLATIONS)} (the FT baseline is train_teacher.py)')
-    a('--p', type=float, help='AT: power of |activation| in the attention map')
-    a('--beta1', type=float, help='NAD: AT weight on group 1')
-    a('--beta2', type=float, help='NAD: AT weight on group 2')
-    a('--beta3', type=float, help='NAD: AT weight on group 3')
-    a('--vert_weights', help='ARGD: vertex (AT) weights of groups 1,2,3')
-    a('--w_vert', type=float, help='ARGD: weight of the vertex loss')
-    a('--w_edge', type=float, help='ARGD: weight of the edge (relation graph) loss')
-    a('--w_emb', type=float, help='ARGD: weight of the embedding (cross-layer attention) loss')
-    a('--qk_dim', type=int, help='ARGD: query/key dimension of the embedding loss')
-    a('--train_projections', action='store_true', help="ARGD: optimise the embedding loss's query/key projections "
-      'with the student (the reference leaves them at their random initialisation)')
-    a('--source', choices=('none', 'inverted'), help="inverted: MCL's detection's pattern (a synthesised trigger) "
-      'stamped on --adv_share of each batch at true labels, besides the distillation (not in the papers)')
-
-
-def _mcl(a):
+def _inversion(a):
     a('--mcl_target', help="MCL: the target label MCL is told, or 'auto' to detect it (evaluation always scores "
       "against the true attack: the checkpoint's meta or --target_label)")
-    a('--temperature', type=float, help='MCL: temperature of the contrastive logits')
     a('--inv_epochs', type=int, help='MCL: passes over the clean subset (--batch_size batches) of trigger inversion')
     a('--inv_patience', type=int, help='MCL: stop inversion after this many passes without a smaller pattern '
       '(0 = never, as the reference)')
@@ -122,25 +105,6 @@ def _mcl(a):
     a('--asr_bound', type=float, help='MCL: attack success a pattern must reach to count')
     a('--init_cost', type=float, help='MCL: initial weight of the pattern-size penalty')
     a('--force', action='store_true', help='MCL: erase even when no target label is detected')
-    a('--keep_target', action='store_true', help='MCL-TK: leave out of the contrastive term the images the model '
-      'assigns to the target, and add cross-entropy on the clean images (keeps the target class)')
-
-
-def _ft(a):
-    a('--defense', help=f'{", ".join(FT_DEFENSES)} (their recipes: config.FT_RECIPES)')
-    a('--source', choices=('pgd', 'inverted'), help="FT-AT/PAM's images: untargeted PGD per batch, or the "
-      "pattern of MCL's target detection (a synthesised trigger) stamped on them")
-    a('--adv_against', choices=('original', 'current'), help="FT-AT/PAM: PGD against the model as given, or as "
-      'it is being tuned')
-    a('--adv_eps', type=float, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
-    a('--adv_step', type=float, help='FT-AT/PAM: PGD step size')
-    a('--adv_steps', type=int, help='PGD steps')
-    a('--rho', type=float, help='PAM: distance in weight space from the weights towards the backdoored ones where '
-      'the gradient is taken (0: plain gradient)')
-    a('--alpha', type=float, help='FST: weight of the inner product of the new head with the original head')
-    a('--sau_beta_adv', type=float, help='SAU: weight of the adversarial term of the shared PGD')
-    a('--sau_beta_shared', type=float, help='SAU: weight of the agreement (JS) term of the shared PGD')
-    a('--sau_lmd_shared', type=float, help='SAU: weight of the shared unlearning loss beside clean cross-entropy')
 
 
 def _interpolate(a):
@@ -153,6 +117,8 @@ def _interpolate(a):
 def _share(a):
     a('--adv_share', type=float, help='share of each batch replaced by PGD or synthesised-trigger images at their '
       'true labels')
+    a('--source', help="the share's images: pgd (FT-AT, PAM: untargeted PGD per batch), inverted (MCL's "
+      "detection's pattern, a synthesised trigger: the -SI variants), none (ARGD, NAD: no share)")
 
 
 def _attack_from(a):
@@ -212,19 +178,20 @@ def _gallery(a):
     a('--output', help='the PNG to write')
 
 
-# The option groups each script reads, and the config.py groups their defaults come from.
+# The option groups each script reads, and the config.py groups their defaults come from. A defense script
+# also reads the options its defenses' modules declare (options(add) in defenses/), their defaults completed
+# by the chosen defense's entry in config.DEFENSES (see script_defaults).
 C = config
+DEFENDING = (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE)
 SCRIPTS = {
     'train_badnet.py': ((_run, _model, _attack, _schedule, _train, _badnet),
                         (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.TRAIN_BADNET)),
-    'train_teacher.py': ((_run, _model, _attack, _train, _defense, _teacher),
-                         (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.TRAIN_TEACHER)),
-    'main-ARGD.py': ((_run, _model, _attack, _schedule, _train, _defense, _teacher, _distill, _share),
-                     (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.TEACHER, C.MAIN_ARGD, C.SHARE)),
-    'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _mcl),
-                    (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_MCL)),
-    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _ft, _share),
-                   (C.COMMON, C.MODEL, C.ATTACK, C.TRAINING, C.DEFENSE, C.MAIN_FT, C.SHARE)),
+    'train_teacher.py': ((_run, _model, _attack, _train, _defense, _teacher), (*DEFENDING, C.TEACHER)),
+    'main-ARGD.py': ((_run, _model, _attack, _schedule, _train, _defense, _choose, _teacher, _share),
+                     (*DEFENDING, C.TEACHER)),
+    'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _choose, _inversion),
+                    (*DEFENDING, C.INVERSION)),
+    'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _choose, _share), DEFENDING),
     'evaluate.py': ((_run, _model, _attack, _evaluate, _attack_from), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE,
                                                                       C.ATTACK_FROM)),
     'retune.py': ((_run, _model, _attack, _schedule, _train, _retune, _attack_from),
@@ -235,6 +202,13 @@ SCRIPTS = {
     'show_triggers.py': ((_run, _gallery), (C.COMMON, C.MODEL, C.ATTACK, C.SHOW_TRIGGERS)),
     'plot_curves.py': ((_table_dir, _plot), (C.TABLE, C.PLOT_CURVES)),
 }
+TEACHER_OPTIONS = ('teacher_epochs', 'teacher_lr')  # main-ARGD.py's teacher is FT: its numbers are DEFENSES['ft']'s
+
+
+def defenses_of(script):
+    """The registered defenses a script runs (its --defense choices), its default first."""
+    keys = [k for k, d in config.DEFENSES.items() if d['script'] == script]
+    return sorted(keys, key=lambda k: k != config.DEFAULT_DEFENSE[script])
 
 
 # ============================================================================ parsing
@@ -254,75 +228,101 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def script_defaults(script):
-    """The script's defaults: its config.py groups merged (no option may be in two of them)."""
+def script_defaults(script, defense=None):
+    """The script's defaults: its config.py groups merged (no option may be in two of them); for a defense
+    script, then the chosen defense's entry (config.DEFENSES: its recipe wins over the groups), and the
+    teacher's numbers from FT's. Returns (defaults, the defense or None, the options only some of the
+    script's defenses have)."""
     merged = {}
     for group in SCRIPTS[script][1]:
         twice = set(merged) & set(group)
         if twice:
             raise AssertionError(f'{script}: {sorted(twice)} set in two config.py groups')
         merged.update(group)
-    return merged
+    if script not in config.DEFAULT_DEFENSE:
+        return merged, None, set()
+    defense = defense or config.DEFAULT_DEFENSE[script]
+    merged.update({k: config.DEFENSES['ft'][k] for k in TEACHER_OPTIONS})
+    merged.update(config.DEFENSES[defense])
+    own = set().union(*(config.DEFENSES[k] for k in defenses_of(script))) - set(config.DEFENSES[defense])
+    return dict(merged, defense=defense), defense, own
 
 
-def get_arguments(script, description=None):
-    defaults = script_defaults(script)
+def get_arguments(script, description=None, defense=None):
+    defaults, defense, own = script_defaults(script, defense)
     p = _Parser(prog=script, description=description, formatter_class=_Help, allow_abbrev=False)
 
-    def add(flag, **kw):  # every option's default is config.py's, read when the parser is built
+    p.minimums = {}  # option -> its least value (checked by check_args)
+
+    def add(flag, minimum=None, **kw):  # every option's default is config.py's, read when the parser is built
         name = kw.get('dest', flag[2:])
-        if name in PER_DEFENSE.get(script, {}):  # a None default that means "the defense's own"
-            kw['help'] += f' (default: per defense: {PER_DEFENSE[script][name]})'
-        p.add_argument(flag, default=defaults[name], **kw)
+        if name in p.minimums or any(flag in a.option_strings for a in p._actions):
+            return  # declared by another of the script's defenses too
+        if minimum is not None:
+            p.minimums[name] = minimum
+        if name == 'defense':
+            kw['choices'] = defenses_of(script)
+        elif name in own:  # another defense's option: the chosen one runs without it
+            kw['help'] += f' (not used by {defense})'
+        elif defense and name in config.DEFENSES[defense]:
+            kw['help'] += f' (default for {defense}: %(default)s)'
+        p.add_argument(flag, default=None if name in own else defaults[name], **kw)
     for group in SCRIPTS[script][0]:
         group(add)
+    for key in defenses_of(script) if defense else ():  # the options the script's defenses declare
+        options = getattr(defenses.module(key), 'options', None)
+        if options:
+            options(add)
     return p
 
 
-def _per_defense(recipes, key):
-    return ', '.join(f'{name} {recipe[key]}' for name, recipe in recipes.items() if key in recipe)
-
-
-# options whose default is None because each defense has its own value: --help lists them from config.py
-PER_DEFENSE = {
-    'main-ARGD.py': {'epochs': _per_defense(config.DEFENSE_SCHEDULES, 'epochs')},
-    'main_ft.py': {k: _per_defense(config.FT_RECIPES, k) for k in ('epochs', 'lr', 'batch_size', 'weight_decay')},
-}
+def chosen_defense(script, argv):
+    """The --defense of a command line (its defaults depend on it), checked before the parser is built."""
+    if script not in config.DEFAULT_DEFENSE:
+        return None
+    chosen = None
+    for i, token in enumerate(argv):
+        if token == '--defense' and i + 1 < len(argv):
+            chosen = argv[i + 1]
+        elif token.startswith('--defense='):
+            chosen = token.split('=', 1)[1]
+    if chosen is not None and chosen not in defenses_of(script):
+        raise UserError(f"unknown defense '{chosen}' (choose from {', '.join(defenses_of(script))})")
+    return chosen
 
 
 def parse_args(script, argv=None, description=None):
     """Parse and validate; args.given is the set of options given on the command line (a flag beats
     a checkpoint's meta, which beats config.py)."""
-    parser = get_arguments(script, description)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = get_arguments(script, description, chosen_defense(script, argv))
     args = parser.parse_args(argv)
     actions = parser._option_string_actions
     args.given = {actions[t.split('=')[0]].dest for t in argv if t.startswith('--') and t.split('=')[0] in actions}
-    check_args(args, script)
+    check_args(args, script, parser.minimums)
     return args
 
 
-def resolve(args, name, meta_value):
-    """A flag given on the command line, else what the checkpoint's meta says, else config.py's value."""
-    if name in getattr(args, 'given', ()) or meta_value is None:
-        return getattr(args, name)
-    return meta_value
-
-
-def check_args(args, script=None):
-    """Reject what can be rejected before any data or model is touched (only the options this script has)."""
+def check_args(args, script=None, minimums=None):
+    """Reject what can be rejected before any data or model is touched (only the options this script has);
+    minimums: the least value of options the defenses declare (a float: finite and at least it)."""
     has = lambda name: getattr(args, name, None) is not None
-    defenses = FT_DEFENSES if script == 'main_ft.py' else DISTILLATIONS
+    defenses = defenses_of(script) if script in config.DEFAULT_DEFENSE else ()
+    sources = {config.DEFENSES[d].get('source') for d in defenses} - {None}
     choices = (('dataset', config.DATASETS, 'dataset'), ('arch', MODELS, 'model'), ('trigger_type', TRIGGERS, 'trigger'),
-               ('target_type', TARGET_TYPES, 'target type'), ('defense', defenses, 'defense'))
+               ('target_type', TARGET_TYPES, 'target type'), ('defense', defenses, 'defense'),
+               ('source', sorted(sources), 'source'))
     for name, allowed, what in choices:
         if has(name) and getattr(args, name) not in allowed:
             raise UserError(f"unknown {what} '{getattr(args, name)}' (choose from {', '.join(allowed)})")
     if has('adv_share') and not 0 <= args.adv_share <= 1:
         raise UserError(f'--adv_share must be in [0, 1], got {args.adv_share}')
-    for name in ('adv_eps', 'adv_step', 'rho', 'alpha', 'sau_beta_adv', 'sau_beta_shared', 'sau_lmd_shared', 'lr'):
-        if has(name) and not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
-            raise UserError(f'--{name} must be a finite number >= 0, got {getattr(args, name)}')
+    for name, least in dict(minimums or {}, lr=0).items():
+        value = getattr(args, name, None)
+        if value is None or (value >= least and math.isfinite(value)):
+            continue
+        raise UserError(f'--{name} must be >= {least}, got {value}' if isinstance(value, int) else
+                        f'--{name} must be a finite number >= {least}, got {value}')
     if has('retune_ratio') and not 0 < args.retune_ratio <= 1:
         raise UserError(f'--retune_ratio must be in (0, 1], got {args.retune_ratio}')
     if has('poisoned') and args.poisoned < 0:
@@ -341,7 +341,7 @@ def check_args(args, script=None):
     # a trigger inversion needs at least one pass (--epochs 0 is MCL's detection-only run)
     if has('points') and args.points < 2:
         raise UserError(f'--points must be >= 2 (both ends of the path), got {args.points}')
-    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs', 'adv_steps'):
+    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs'):
         if has(name) and getattr(args, name) < 1:
             raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if has('mcl_target') and args.mcl_target != 'auto' and not args.mcl_target.isdigit():
@@ -354,20 +354,6 @@ def check_args(args, script=None):
             raise UserError(f"--vert_weights needs three comma-separated numbers, got '{args.vert_weights}'")
     if has('normalize'):
         parse_normalize(args.normalize)
-
-
-def parse_normalize(spec):
-    """'cifar' | 'none' | 'm1,m2,m3,s1,s2,s3' -> [m1, m2, m3, s1, s2, s3]."""
-    if spec in config.NORMALIZATIONS:
-        mean, std = config.NORMALIZATIONS[spec]
-        return list(mean) + list(std)
-    try:
-        values = [float(v) for v in spec.split(',')]
-    except ValueError:
-        values = []
-    if len(values) != 6 or min(values[3:]) <= 0:
-        raise UserError(f"--normalize must be 'cifar', 'none' or six numbers 'm1,m2,m3,s1,s2,s3' with std > 0, got '{spec}'")
-    return values
 
 
 def main_guard(main):

@@ -41,7 +41,6 @@ ATTACK = dict(
 
 # ============================================================================ every training script
 TRAINING = dict(
-    momentum=0.9,              # SGD momentum (all three references)
     eval_every=1,              # score the test sets every k epochs (always after the last)
     eval_subset=2000,          # per-epoch rows score a fixed random N images of each test set (0 = all)
     log_root='./logs',         # per-run CSV logs go here
@@ -56,6 +55,7 @@ TRAIN_BADNET = dict(
     epochs=15,                 # MCL trains 100; 15 with its milestones scaled fit a 2-core CPU (the zoo used 40)
     batch_size=64,             # NAD and MCL both train with 64
     lr=0.1,                    # initial learning rate; the recipe's milestones divide it
+    momentum=0.9,              # SGD momentum (NAD and MCL)
     weight_decay=1e-4,         # NAD and MCL
     no_augment=False,          # drop the recipe's random crop and flip
     compile='auto',            # torch.compile: auto = where a compiler is found (bf16 CPU here: 29.6 -> 24.3 s/epoch, 15 s to compile)
@@ -72,103 +72,114 @@ BADNET_RECIPES = {
 DEFENSE = dict(
     s_model=None,              # the model under defense; None: <checkpoint_root>/s_net/<arch>.tar
     ratio=0.05,                # the defender's clean fraction of the training set (all three papers: 5%)
+    adv_share=0.2,             # share of each batch replaced at true labels by PGD or synthesised-trigger images (PAM's 20% + 1)
 )
 COLLAPSE_POINTS = 10          # a defense that costs more accuracy than this on the defender's clean subset is flagged
-# Defense lr schedules as the references have them: epoch milestones and factors of the initial lr;
-# `epochs` is main-ARGD.py's count per defense.
-DEFENSE_SCHEDULES = {
-    'argd': dict(epochs=10, milestones=(3, 6), factors=(1, 0.1, 0.01)),    # ARGD utils.adjust_learning_rate
-    'nad': dict(epochs=20, milestones=(2, 20), factors=(1, 0.1, 0.001)),   # NAD utils.adjust_learning_rate
-    'finetune': dict(milestones=(2, 20), factors=(1, 0.1, 0.001)),         # NAD's teacher: main.py with beta 0
-    'mcl': dict(milestones=(1, 10), factors=(1, 0.1, 0.01)),               # MCL fine_defense_adjust_learning_rate
-}
-# the teacher of NAD and ARGD, which is also the fine-tuning (FT) baseline: train_teacher.py
-TEACHER = dict(
-    t_model=None,              # None: <checkpoint_root>/t_net/<s_model's name>.tar, fine-tuned first if absent
-    teacher_epochs=10,         # NAD README: 5-10 epochs
-    teacher_lr=0.1,            # /10 from epoch 2 (DEFENSE_SCHEDULES['finetune'])
-    cutout=3,                  # NAD/ARGD Cutout(1, 3): a 2x2 hole; 0 = crop + flip only
-)
-TRAIN_TEACHER = dict(
-    batch_size=64,             # NAD
-    weight_decay=1e-4,         # NAD
-)
+TEACHER = dict(t_model=None)  # NAD/ARGD's teacher; None: <checkpoint_root>/t_net/<s_model's name>.tar, fine-tuned (DEFENSES['ft']) first if absent
 
-# ============================================================================ main-ARGD.py (ARGD and NAD)
-MAIN_ARGD = dict(
-    defense='argd',            # argd or nad
-    epochs=None,               # None: the defense's published count (DEFENSE_SCHEDULES: ARGD 10, NAD 20)
-    lr=0.1,                    # both papers
-    batch_size=64,             # both papers
-    weight_decay=1e-4,         # both papers
-    p=2.0,                     # attention map: sum over channels of |activation|^p
-    beta1=500,                 # NAD: AT weight of group 1 (NAD config.py)
-    beta2=1000,                # NAD: group 2
-    beta3=1000,                # NAD: group 3
-    vert_weights='2000,5000,2000',  # ARGD: vertex (AT) weights of groups 1, 2, 3
-    w_vert=1.0,                # ARGD: weight of the vertex loss
-    w_edge=1.0,                # ARGD: weight of the edge (relation graph) loss
-    w_emb=1.0,                 # ARGD: weight of the embedding (cross-layer attention) loss
-    qk_dim=128,                # ARGD: query/key size of the embedding loss
-    train_projections=False,   # ARGD: optimise the embedding's projections (the reference leaves them random)
-    source='none',             # none (the papers), or inverted: a synthesised trigger on SHARE of each batch, true labels
-)
-
-# ============================================================================ main_mcl.py
-MAIN_MCL = dict(
-    epochs=20,                 # MCL erasing epochs
-    lr=0.1,                    # 0.1 for epoch 0, then /10 at 1 and 10 (DEFENSE_SCHEDULES['mcl'])
-    batch_size=64,             # MCL
-    weight_decay=1e-4,         # MCL
+# MCL's trigger inversion and Neural Cleanse's target detection: main_mcl.py, and the synthesised trigger
+# (--source inverted) of FT-SI, PAM-SI and ARGD-SI, which runs detection with these values
+INVERSION = dict(
     mcl_target='auto',         # the target MCL is told, or auto: detect it (Neural Cleanse's rule)
-    temperature=0.5,           # contrastive logits / temperature
     inv_epochs=100,            # trigger inversion: passes over the clean subset, as the reference counts its 100 steps
     inv_patience=0,            # stop inversion after this many passes without a smaller pattern (0 = never, as the reference)
     detect_epochs=10,          # inversion passes per class when detecting the target
     asr_bound=0.9,             # success a pattern must reach to count
     init_cost=1e-3,            # initial weight of the pattern-size penalty
     force=False,               # erase even when no target is detected (with the smallest pattern's class)
-    keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
-
+INVERSION_BATCH = 64          # MCL's batch: detection for a synthesised trigger runs at it (main_mcl.py: --batch_size)
 INVERSION_IMAGES = 2048       # MCL's inversion: most images per stacked forward (43 GTSRB classes x 64 run in two)
 
-# ============================================================================ main_ft.py (FT-AT, PAM, FST, SAU)
-SHARE = dict(adv_share=0.2)   # main_ft.py, main-ARGD.py: share of each batch replaced at true labels (PAM's 20% + 1)
-MAIN_FT = dict(
-    defense='pam',             # ft-at, pam, fst or sau (see FT_RECIPES)
-    epochs=None,               # None: the defense's recipe (FT_RECIPES); so are the next three and --momentum
-    lr=None,                   # None: the recipe's
-    batch_size=None,           # None: the recipe's
-    weight_decay=None,         # None: the recipe's
-    source='pgd',              # FT-AT/PAM's images: pgd (untargeted, per batch) or inverted (MCL's detection's pattern)
-    adv_against='original',    # FT-AT/PAM's PGD attacks the model as given (original) or as it is being tuned (current)
-    adv_eps=0.2,               # L_inf bound of every PGD here, [0,1]-pixel units (SAU's trigger_norm)
-    adv_step=0.05,             # FT-AT/PAM: PGD step (eps/4, random start); SAU steps by adv_eps from the corner
-    adv_steps=5,               # PGD steps (SAU's adv_steps)
-    rho=0.5,                   # PAM: distance towards the backdoored weights (its ResNet-18 script; 1% of a WRN-16-1's norm)
-    alpha=0.1,                 # FST: weight of <W, W_orig> (its README command for CIFAR-10)
-    sau_beta_adv=0.01,         # SAU: weight of the adversarial term in the maximisation (beta_1)
-    sau_beta_shared=1.0,       # SAU: weight of the shared (JS) term (beta_2)
-    sau_lmd_shared=1.0,        # SAU: weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
+# ============================================================================ the defenses, one entry each
+# Everything that defines a defense, in one place (as airbench keeps one hyp dict): its label in the table,
+# whether it is blind (told neither trigger nor target), the script that runs it (--defense <key>), the
+# file in defenses/ that implements it (module), and its recipe. A key that is one of its script's options
+# is that option's default when the defense is chosen (`<script> --defense <key> --help` shows them); a
+# flag overrides it for one run. The others fix the recipe: nesterov, optimizer ('sgd' or 'adam'),
+# schedule ('step': lr * factors[i] from the i-th of the epoch milestones; 'cosine': CosineAnnealingLR
+# stepped per epoch; 'constant'), augment (crop + flip where the data set has them, plus Cutout of
+# `cutout`), drop_last (no ragged last batch: at lr 0.1 it would be one large step on a handful of images).
+# The table's columns are these keys, in this order. Numbers are the references' on their networks unless
+# a comment says otherwise.
+FT = dict(  # NAD's teacher (NAD main.py with every beta 0), also the fine-tuning baseline: train_teacher.py
+    label='FT', blind=True, script='train_teacher.py', module='ft',
+    teacher_epochs=10,         # NAD README: 5-10 epochs
+    teacher_lr=0.1,            # /10 from epoch 2 (milestones)
+    batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # NAD
+    schedule='step', milestones=(2, 20), factors=(1, 0.1, 0.001),  # NAD utils.adjust_learning_rate
+    augment=True, drop_last=True,
+    cutout=3,                  # NAD/ARGD Cutout(1, 3): a 2x2 hole; 0 = crop + flip only
 )
-# the published optimisation of each, on ResNet-18 (README and scripts of their code); epochs are cut
-# where the reference's count does not fit 5 minutes on a 2-core CPU (said in a comment); drop_last:
-# no ragged last batch (the SGD recipes, as every defense here; BackdoorBench's SAU keeps it)
-FT_RECIPES = {
-    # the blind baseline: exactly FT's recipe (TEACHER), with the adversarial share added
-    'ft-at': dict(epochs=10, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                  optimizer='sgd', schedule='finetune', augment=True, cutout=3, drop_last=True),
-    # btidbfu.py: SGD lr 0.01 momentum 0.1, batch 128, 30 epochs per round (x 3 rounds there: 1 here)
-    'pam': dict(epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False, weight_decay=0.0,
-                optimizer='sgd', schedule='constant', augment=True, cutout=0, drop_last=True),
-    # ft.py --ft_mode fst: SGD lr 0.01 momentum 0.9, no weight decay, cosine over 10 epochs, batch 128
-    'fst': dict(epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0,
-                optimizer='sgd', schedule='cosine', augment=True, cutout=0, drop_last=True),
-    # BackdoorBench sau: Adam lr 1e-4, cosine, batch 256, no augmentation, BN frozen; 100 rounds there, 12 here
-    'sau': dict(epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0,
-                optimizer='adam', schedule='cosine', augment=False, cutout=0, drop_last=False),
+ARGD = dict(  # Xia et al., IJCAI 2022 (BililiCode/ARGD): main-ARGD.py, distilling from FT's model
+    label='ARGD', blind=True, script='main-ARGD.py', module='argd',
+    epochs=10, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # the paper
+    schedule='step', milestones=(3, 6), factors=(1, 0.1, 0.01),  # ARGD utils.adjust_learning_rate
+    augment=True, drop_last=True, cutout=3,  # its get_train_loader: crop + flip + Cutout(1, 3)
+    p=2.0,                     # attention map: sum over channels of |activation|^p
+    vert_weights='2000,5000,2000',  # vertex (AT) weights of groups 1, 2, 3
+    w_vert=1.0,                # weight of the vertex loss
+    w_edge=1.0,                # weight of the edge (relation graph) loss
+    w_emb=1.0,                 # weight of the embedding (cross-layer attention) loss
+    qk_dim=128,                # query/key size of the embedding loss
+    train_projections=False,   # optimise the embedding's projections (the reference leaves them random)
+    source='none',             # none (the paper), or inverted: a synthesised trigger on adv_share of each batch, true labels
+)
+NAD = dict(  # Li et al., ICLR 2021 (bboylyg/NAD): main-ARGD.py --defense nad, ARGD's recipe and teacher
+    label='NAD', blind=True, script='main-ARGD.py', module='nad',
+    epochs=20, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # NAD
+    schedule='step', milestones=(2, 20), factors=(1, 0.1, 0.001),  # NAD utils.adjust_learning_rate
+    augment=True, drop_last=True, cutout=3,  # NAD's get_train_loader
+    p=2.0,                     # attention map: sum over channels of |activation|^p
+    beta1=500,                 # AT weight of group 1 (NAD config.py)
+    beta2=1000,                # group 2
+    beta3=1000,                # group 3
+    source='none',             # as ARGD's
+)
+MCL = dict(  # Yue et al., ACM MM 2023 (Zhihao151/MCL): main_mcl.py, after the inversion (INVERSION)
+    label='MCL', blind=False, script='main_mcl.py', module='mcl',  # the table tells it the row's target
+    epochs=20,                 # MCL erasing epochs
+    lr=0.1, batch_size=64, momentum=0.9, nesterov=False, weight_decay=1e-4, optimizer='sgd',  # MCL
+    schedule='step', milestones=(1, 10), factors=(1, 0.1, 0.01),  # MCL fine_defense_adjust_learning_rate
+    augment=False, drop_last=True, cutout=0,  # MCL erases on the plain clean images
+    temperature=0.5,           # contrastive logits / temperature
+    keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
+)
+FT_AT = dict(  # the blind baseline: exactly FT's recipe, with the adversarial share added: main_ft.py
+    label='FT-AT', blind=True, script='main_ft.py', module='ft_at',
+    epochs=FT['teacher_epochs'], lr=FT['teacher_lr'], batch_size=FT['batch_size'], momentum=FT['momentum'],
+    nesterov=FT['nesterov'], weight_decay=FT['weight_decay'], optimizer=FT['optimizer'], schedule=FT['schedule'],
+    milestones=FT['milestones'], factors=FT['factors'], augment=FT['augment'], drop_last=FT['drop_last'],
+    cutout=FT['cutout'],
+    source='pgd',              # its images: pgd (untargeted, per batch) or inverted (MCL's detection's pattern)
+    adv_against='original',    # PGD attacks the model as given (original) or as it is being tuned (current)
+    adv_eps=0.2,               # L_inf bound of the PGD, [0,1]-pixel units (SAU's trigger_norm)
+    adv_step=0.05,             # PGD step (eps/4, random start)
+    adv_steps=5,               # PGD steps (SAU's adv_steps)
+)
+DEFENSES = {
+    'ft': FT,
+    'nad': NAD,
+    'argd': ARGD,
+    'mcl': MCL,
+    'mcl-tk': dict(MCL, label='MCL-TK', keep_target=True),   # not in the paper: keeps the target class
+    # ARGD with a newer defense's ingredient (not in the paper): FT-SI's synthesised trigger at true labels
+    'argd-si': dict(ARGD, label='ARGD-SI', source='inverted'),
+    'ft-at': FT_AT,
+    'ft-si': dict(FT_AT, label='FT-SI', source='inverted'),  # the synthesised trigger instead of PGD
+    # PAM (Min et al., NeurIPS 2024) btidbfu.py: SGD lr 0.01 momentum 0.1, batch 128, 30 epochs per round
+    # (x 3 rounds there: 1 here); FT-AT's images (the paper's come from BTI-DBF's generator)
+    'pam': dict(FT_AT, label='PAM', module='pam', epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False,
+                weight_decay=0.0, schedule='constant', milestones=(), factors=(1,), cutout=0,
+                rho=0.5),              # distance towards the backdoored weights (its ResNet-18 script; 1% of a WRN-16-1's norm)
+    # FST (Min et al., NeurIPS 2023) ft.py --ft_mode fst: SGD momentum 0.9, no weight decay, cosine over 10 epochs
+    'fst': dict(label='FST', blind=True, script='main_ft.py', module='fst',
+                epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
+                schedule='cosine', augment=True, drop_last=True, cutout=0,
+                alpha=0.1),            # weight of <W, W_orig> (its README command for CIFAR-10)
 }
+DEFAULT_DEFENSE = {'train_teacher.py': 'ft', 'main-ARGD.py': 'argd', 'main_mcl.py': 'mcl',  # each script's without --defense
+                   'main_ft.py': 'pam'}
 
 # ============================================================================ retune.py
 RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
@@ -177,6 +188,7 @@ RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
     poisoned=5,                # of which this many carry the model's own trigger and target label
     epochs=5,                  # SGD epochs
     lr=0.01,                   # constant
+    momentum=0.9,              # SGD
     batch_size=128,
     weight_decay=0.0,          # none
 )
@@ -197,8 +209,8 @@ BENCHMARK = dict(
 )
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(
-    attacks='badnet,blended,sig-cl,wanet',  # rows, see defenses.ATTACKS (trojan needs --trojan_pattern)
-    defenses='none,ft,nad,argd,mcl,mcl-tk,argd-si,ft-at,ft-si,pam,fst,sau,floor',  # columns, see defenses.DEFENSES
+    attacks='badnet,blended,sig-cl,wanet',  # rows, see table.ATTACKS (trojan needs --trojan_pattern)
+    defenses=','.join(['none', *DEFENSES, 'floor']),  # columns: the undefended model, every defense, the clean control
     seeds='0',                 # comma-separated defense seeds: the clean subset, teacher and initialisation
     model_seed=0,              # the backdoored models' seed (0: the zoo's models where they exist)
     shard=None,                # K/N: only the K-th (from 0) of N fixed slices of the cells (job arrays)

@@ -4,16 +4,23 @@ A data set lives as x (N, H, W, C) uint8 and y (N,) int64. Images are decoded on
 cached next to the data (or in ~/.cache/backdoor-erasing when that is read-only), so later
 runs start in seconds. Training batches are cut from tensors already on the device, with
 random crop (pad 4), horizontal flip and normalisation done on the whole batch.
+
+For a training loop of one's own: the references' DatasetBD (the poisoned set), DatasetCL (the
+defender's clean subset) and get_train_loader / get_test_loader / get_backdoor_loader, built on the
+same vectorised poisoning, pixel for pixel what the project's scripts train and score on.
 """
 import hashlib
 import os
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 import config
-from cli import UserError, parse_normalize, resolve
+from checkpoints import resolve
+from errors import UserError
 from files import atomic_save
 from triggers import PER_BATCH, WANET_CROSS_RATIO, TriggerError, apply_trigger, make_trigger, wanet_noise_grids, warp
 
@@ -173,13 +180,14 @@ def make_attack(args, image_size, num_classes, meta_attack=None):
     return attack
 
 
-def poison_train_set(x, y, attack, num_classes, seed):
+def poison_train_set(x, y, attack, num_classes, seed, static=False):
     """Poison attack['inject_portion'] of the set (of the target class for cleanLabel).
 
     Returns (x_poisoned, y_poisoned, poisoned_indices); the chosen indices depend on seed only.
-    Triggers applied per batch (WaNet) leave the stored set clean: see batch_poisoner.
+    Triggers applied per batch (WaNet) leave the stored set clean (see batch_poisoner), unless static
+    (DatasetBD's copy: the share warped once).
     """
-    if attack['trigger']['trigger_type'] in PER_BATCH:
+    if attack['trigger']['trigger_type'] in PER_BATCH and not static:
         return x, y, torch.zeros(0, dtype=torch.long)
     g = seeded(seed, 'poison')
     kind, target = attack['target_type'], attack['target_label']
@@ -192,12 +200,16 @@ def poison_train_set(x, y, attack, num_classes, seed):
     return x, y, idx
 
 
-def poisoned_labels(y, attack, num_classes):
+def target_labels(y, attack, num_classes):
+    """What the attack wants the model to say for triggered images of true class y."""
     if attack['target_type'] == 'all2all':
         return (y + 1) % num_classes
-    if attack['target_type'] == 'cleanLabel':
-        return y.clone()
     return torch.full_like(y, attack['target_label'])
+
+
+def poisoned_labels(y, attack, num_classes):
+    """The labels poisoned training images carry: the target's, or their own under cleanLabel."""
+    return y.clone() if attack['target_type'] == 'cleanLabel' else target_labels(y, attack, num_classes)
 
 
 def batch_poisoner(attack, num_classes):
@@ -233,7 +245,7 @@ def make_test_sets(x_test, y_test, attack, num_classes, seed=0):
     g = seeded(seed, 'test-trigger')
     x_bd = apply_trigger(attack['trigger'], x_test[nontarget], generator=g)
     y_true = y_test[nontarget]
-    y_bd = (y_true + 1) % num_classes if attack['target_type'] == 'all2all' else torch.full_like(y_true, attack['target_label'])
+    y_bd = target_labels(y_true, attack, num_classes)
     return {'x_clean': x_test, 'y_clean': y_test, 'nontarget': nontarget, 'x_bd': x_bd, 'y_bd': y_bd, 'y_bd_true': y_true,
             'target': attack['target_label'], 'num_classes': num_classes}
 
@@ -288,6 +300,20 @@ def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed):
 
 
 # ----------------------------------------------------------------------------- batches
+def parse_normalize(spec):
+    """'cifar' | 'none' | 'm1,m2,m3,s1,s2,s3' -> [m1, m2, m3, s1, s2, s3]."""
+    if spec in config.NORMALIZATIONS:
+        mean, std = config.NORMALIZATIONS[spec]
+        return list(mean) + list(std)
+    try:
+        values = [float(v) for v in spec.split(',')]
+    except ValueError:
+        values = []
+    if len(values) != 6 or min(values[3:]) <= 0:
+        raise UserError(f"--normalize must be 'cifar', 'none' or six numbers 'm1,m2,m3,s1,s2,s3' with std > 0, got '{spec}'")
+    return values
+
+
 class Normalizer:
     """uint8 NHWC -> float NCHW (channels_last memory), scaled to [0,1] and normalised."""
 
@@ -397,3 +423,134 @@ class RunData:
     def clean_subset(self, ratio, seed, device):
         x, y = clean_subset(self.x_train, self.y_train, ratio, seed)
         return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------- the references' Dataset classes
+def _as_uint8(full_dataset):
+    """(x uint8 NHWC, y int64) of a torchvision-style data set of (PIL image or HWC array, label) items."""
+    if isinstance(getattr(full_dataset, 'x', None), torch.Tensor):  # Images: already decoded
+        return full_dataset.x, full_dataset.y
+    items = [full_dataset[i] for i in range(len(full_dataset))]
+    x = torch.from_numpy(np.stack([np.asarray(img.convert('RGB') if hasattr(img, 'convert') else img, dtype=np.uint8)
+                                   for img, _ in items]))
+    return x, torch.tensor([int(label) for _, label in items], dtype=torch.int64)
+
+
+def _class_count(opt, full_dataset, y):
+    return getattr(opt, 'num_class', None) or len(getattr(full_dataset, 'classes', ())) or int(y.max()) + 1
+
+
+class Images(Dataset):
+    """Decoded uint8 images as a torchvision-style data set of (PIL image, label) items."""
+
+    def __init__(self, x, y, classes):
+        self.x, self.y, self.classes = x, y, classes
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.x[i].numpy()), int(self.y[i])
+
+
+class DatasetBD(Dataset):
+    """The references' poisoned data set (NAD's DatasetBD, which ARGD and MCL keep), on this project's
+    vectorised poisoning. opt holds target_label, trig_w, trig_h, trigger_type, target_type (and, if
+    wanted, seed, num_class, trigger_path). mode='train': the seeded inject_portion of the set poisoned as
+    train_badnet.py poisons it (cleanLabel: of the target class; WaNet's share warped once here, where the
+    project warps per batch). mode='test': the non-target images (all2all: every image), the seeded
+    inject_portion of them triggered and labelled as the attack wants (1: the backdoor test set ASR is
+    scored on; 0: the references' clean test set, which leaves the target class out). Items are
+    (transform(HWC uint8 array), label), or (HWC uint8 tensor, label) without a transform; self.x and
+    self.y hold the whole set as tensors. device and distance are the references' arguments: the
+    triggers here keep their 1-pixel distance and the images stay on the CPU for a DataLoader."""
+
+    def __init__(self, opt, full_dataset, inject_portion, transform=None, mode='train', device=torch.device('cpu'),
+                 distance=1):
+        if mode not in ('train', 'test'):
+            raise ValueError(f"mode must be 'train' or 'test', got '{mode}'")
+        if distance != 1:
+            raise ValueError('the triggers here are the references\' at distance 1')
+        x, y = _as_uint8(full_dataset)
+        num_classes, seed = _class_count(opt, full_dataset, y), getattr(opt, 'seed', 0)
+        flags = SimpleNamespace(**{k: getattr(opt, k, v) for k, v in config.ATTACK.items()}, seed=seed)
+        attack = dict(make_attack(flags, x.shape[1], num_classes), inject_portion=inject_portion)
+        if mode == 'train':
+            x, y, self.poisoned = poison_train_set(x, y, attack, num_classes, seed, static=True)
+        else:
+            test = make_test_sets(x, y, attack, num_classes, seed)
+            keep = test['nontarget']
+            pick = torch.randperm(int(keep.sum()), generator=seeded(seed, 'poison'))[:int(keep.sum() * inject_portion)]
+            self.poisoned = pick.sort().values
+            x, y = x[keep].clone(), y[keep].clone()
+            x[self.poisoned], y[self.poisoned] = test['x_bd'][self.poisoned], test['y_bd'][self.poisoned]
+        self.x, self.y, self.attack, self.transform, self.device = x, y, attack, transform, device
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.transform(self.x[i].numpy()) if self.transform else self.x[i]), int(self.y[i])
+
+
+class DatasetCL(Dataset):
+    """The defender's clean subset (NAD's DatasetCL): the seeded opt.ratio of the set that every defense
+    here gets for --seed (opt.seed, default 0); items as DatasetBD's."""
+
+    def __init__(self, opt, full_dataset=None, transform=None):
+        x, y = _as_uint8(full_dataset)
+        self.x, self.y = clean_subset(x, y, opt.ratio, getattr(opt, 'seed', 0))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.transform(self.x[i].numpy()) if self.transform else self.x[i]), int(self.y[i])
+
+
+class Cutout:
+    """NAD's Cutout(1, length) on a CHW tensor: a square of zeros around a random centre, clipped."""
+
+    def __init__(self, n_holes, length):
+        self.n_holes, self.length = n_holes, length
+
+    def __call__(self, img):
+        h, w = img.shape[1:]
+        for _ in range(self.n_holes):
+            r, c = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            img[:, max(r - self.length // 2, 0):r + self.length // 2, max(c - self.length // 2, 0):c + self.length // 2] = 0
+        return img
+
+
+def _reference_sets(opt):
+    data = load_dataset(opt.dataset, opt.data_root, verbose=False)
+    return (Images(data['x_train'], data['y_train'], data['classes']),
+            Images(data['x_test'], data['y_test'], data['classes']))
+
+
+def get_train_loader(opt):
+    """The defender's clean subset with the references' augmentation (crop + flip + Cutout), shuffled:
+    NAD's get_train_loader. Values in [0,1]: normalise in the model's forward if it expects it."""
+    import torchvision.transforms as T
+    train, _ = _reference_sets(opt)
+    tf = T.Compose([T.ToTensor(), T.RandomCrop(train.x.shape[1], padding=4), T.RandomHorizontalFlip(), Cutout(1, 3)])
+    return DataLoader(DatasetCL(opt, train, tf), batch_size=opt.batch_size, shuffle=True)
+
+
+def get_test_loader(opt):
+    """(clean, backdoor) test loaders as the references': the non-target test images, clean and triggered."""
+    import torchvision.transforms as T
+    _, test = _reference_sets(opt)
+    clean, bad = (DatasetBD(opt, test, p, T.ToTensor(), mode='test') for p in (0, 1))
+    return (DataLoader(clean, batch_size=opt.batch_size, shuffle=False),
+            DataLoader(bad, batch_size=opt.batch_size, shuffle=False))
+
+
+def get_backdoor_loader(opt):
+    """The poisoned training set (opt.inject_portion), unshuffled, as NAD's get_backdoor_loader."""
+    import torchvision.transforms as T
+    train, _ = _reference_sets(opt)
+    return DataLoader(DatasetBD(opt, train, opt.inject_portion, T.ToTensor(), mode='train'),
+                      batch_size=opt.batch_size, shuffle=False)

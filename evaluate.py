@@ -7,9 +7,10 @@
 The attack comes from the checkpoint's meta; flags override it (needed for checkpoints
 that carry only a state_dict).
 """
+from checkpoints import load_given_model
 from cli import main_guard, parse_args
 from data_loader import RunData
-from utils import conv_norm, evaluate, load_given_model, summary_line
+from metrics import conv_norm, evaluate, summary_line
 
 
 def main():

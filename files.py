@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from cli import UserError
+from errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -8,9 +8,12 @@ Every tensor of the state (weights and BatchNorm statistics) is (1 - t) * backdo
 --points values of t from 0 (the backdoored model) to 1 (the defended one), each scored on a fixed
 --eval_subset of the test sets against the defended model's attack (its meta, or the attack flags).
 """
-from cli import UserError, main_guard, parse_args
+from checkpoints import load_given_model, load_model
+from cli import main_guard, parse_args
 from data_loader import RunData, test_subset
-from utils import evaluate, load_given_model, load_model, summary_line, unwrap
+from device import unwrap
+from errors import UserError
+from metrics import evaluate, summary_line
 
 
 def interpolated(model, start, end, t):

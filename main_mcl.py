@@ -9,27 +9,28 @@ checkpoint's meta) only say what evaluation scores against.
 
 As published: inversion over --inv_epochs 100 passes of the clean subset; erasing with SGD
 momentum 0.9, weight decay 1e-4, lr 0.1 for epoch 0, 0.01 to epoch 9, 0.001 after
-(config.DEFENSE_SCHEDULES['mcl']), no augmentation, no ragged last batch. Output:
+(config.DEFENSES['mcl']), no augmentation, no ragged last batch. Output:
 <checkpoint_root>/mcl_net/<s_name>.tar, the CSV and a picture of the inverted trigger under --log_root.
 
---keep_target (MCL-TK, not in the paper) keeps the target class: the clean images the model assigns to
-the target are left out of the contrastive term, whose push away from the triggered features would push
-them away from their own class, and cross-entropy on the clean images anchors every class (mcl.py).
-Output: mcl-tk_net/ and mcl-tk_* files.
+--defense mcl-tk (or --keep_target; MCL-TK, not in the paper) keeps the target class: the clean images the
+model assigns to the target are left out of the contrastive term, whose push away from the triggered
+features would push them away from their own class, and cross-entropy on the clean images anchors every
+class (defenses/mcl.py). Output: mcl-tk_net/ and mcl-tk_* files.
 """
 import os
 import time
 
-import torch
-
-from cli import UserError, main_guard, parse_args
-from config import DEFENSE_SCHEDULES
-from data_loader import Normalizer, train_batches
+import defenses
+from cli import main_guard, parse_args
+from config import DEFENSES
+from defenses import defense_meta, defense_setup, finish
+from errors import UserError
 from files import check_writable
-from mcl import (add_pattern, contrastive_loss, find_target, frozen_features, invert_triggers, keep_target_loss,
-                 trigger_picture)
+from inversion import find_target, invert_triggers, trigger_picture
+from metrics import evaluate, summary_line
+from training import fit
 from triggers import apply_trigger
-from utils import defender_check, defense_meta, defense_setup, evaluate, fit, predict, step_lr, summary_line
+from utils import schedule
 
 
 def invert(args, run, targets, passes, report=None):
@@ -47,7 +48,7 @@ def true_target(args, run):
 
 def main():
     args = parse_args('main_mcl.py', description=__doc__.split('\n\n')[0])
-    t0 = time.time()
+    recipe = DEFENSES[args.defense]
     run = defense_setup(args)
     model, data = run.model, run.data
     tag = 'mcl-tk' if args.keep_target else 'mcl'
@@ -97,34 +98,12 @@ def main():
         print(summary_line(evaluate(model, data.test, data.normalizer, args.eval_batch_size, args.amp), args.json))
         return
 
-    raw = Normalizer('none', run.device)  # batches in [0,1]: the pattern is added before normalising
-    norm = data.normalizer.normalize_float
-    positive, negative = frozen_features(model, run.x, pattern, raw, norm, args.eval_batch_size, args.amp)
-
-    if args.keep_target:  # MCL-TK: see mcl.keep_target_loss
-        pushed = predict(model, run.x, data.normalizer, args.eval_batch_size, args.amp) != target
-        print(f'MCL-TK: {int((~pushed).sum())} of {len(pushed)} clean images the model assigns to class {target} '
-              'are left out of the contrastive term; cross-entropy on the clean images anchors the rest', flush=True)
-
-    def loss_fn(x01, idx):  # the batch's "labels" are its row numbers in run.x
-        if args.keep_target:
-            return keep_target_loss(model, x01, run.y[idx], pattern, norm, positive[idx], negative[idx], pushed[idx],
-                                    args.temperature)
-        _, _, anchor = model(norm(add_pattern(x01, pattern)), features=True)
-        return contrastive_loss(anchor, positive[idx], negative[idx], args.temperature)
-
-    schedule = DEFENSE_SCHEDULES['mcl']
-    lr_at = lambda epoch: step_lr(args.lr, epoch, schedule['milestones'], schedule['factors'])
-    rows = torch.arange(len(run.x), device=run.device)
-    batches = lambda epoch: train_batches(run.x, rows, args.batch_size, raw, args.seed, epoch, augment_data=False,
-                                          drop_last=True)
+    steps = defenses.module(args.defense).build(args, run, target, pattern)
     meta = dict(defense_meta(run.meta, args, tag),
                 mcl={'target_label': target, 'pattern': pattern.cpu(), 'pixels': info['pixels']})
-    metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-                  meta=meta, evaluate_first=True, tag=tag)
-    defender_check(run, model, args, metrics)
-    print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}; trigger picture {png_path}')
-    print(summary_line(metrics, args.json))
+    metrics = fit(args, model, steps, schedule(recipe, args.lr, args.epochs), data.test, data.normalizer, out_path=out,
+                  csv_path=csv_path, meta=meta, nesterov=recipe['nesterov'], evaluate_first=True, tag=tag)
+    finish(run, model, args, metrics, out, csv_path, f'trigger picture {png_path}')
 
 
 if __name__ == '__main__':

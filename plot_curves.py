@@ -19,9 +19,10 @@ import io
 import json
 import os
 
-from cli import UserError, main_guard, parse_args
-from defenses import DEFENSES, dataset_of
+from cli import main_guard, parse_args
+from errors import UserError
 from files import atomic_write_bytes
+from table import COLUMNS, dataset_of
 
 
 def picture_path(table_dir, stem, dataset):
@@ -49,7 +50,7 @@ def log_folder(table_dir, seed, attack, keys):
 def read_curves(log_dir, attack):
     """-> {label: (epochs, ACC, ASR)} for the defenses whose log exists."""
     curves = {}
-    for d in DEFENSES.values():
+    for d in COLUMNS.values():
         if d['log'] is None:
             continue
         label, path = d['label'], os.path.join(log_dir, f"{d['log']}_{attack}.csv")
@@ -101,14 +102,17 @@ def plot(curves, title):
 def read_robustness(rows):
     """table.csv's rows -> {model: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or
     None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
-    attack has cells on several models (a retrained row), so two models never share a bar."""
+    attack has cells on several models (a retrained row), so two models never share a bar. Only models with a
+    defended cell's path are drawn: no empty panels."""
     rows = [r for r in rows if r.get('ASR_retuned')]
-    models = list(dict.fromkeys((r['attack'], r['settings_key']) for r in rows))
+    # a panel only where a defended cell kept its path (not the control's row, not a model whose file was lost)
+    models = list(dict.fromkeys((r['attack'], r['settings_key']) for r in rows
+                                if r['defense'] not in ('none', 'floor') and r.get('path_ASR')))
     attacks = [attack for attack, _ in models]
     out = {}
     for attack, key in models:
         title = attack if attacks.count(attack) == 1 else f'{attack} [{key}]'
-        for name, d in DEFENSES.items():
+        for name, d in COLUMNS.items():
             got = [r for r in rows if (r['attack'], r['settings_key'], r['defense']) == (attack, key, name)]
             if got:
                 mean = lambda k: sum(float(r[k]) for r in got) / len(got)

@@ -14,10 +14,12 @@ import os
 
 import torch.nn.functional as F
 
+from checkpoints import load_given_model
 from cli import main_guard, parse_args
 from data_loader import RunData, retune_set, train_batches
 from files import check_writable
-from utils import fit, load_given_model, summary_line
+from metrics import summary_line
+from training import Steps, fit
 
 
 def main():
@@ -36,7 +38,7 @@ def main():
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
                                           crop_flip=data.crop_flip)
     loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)
-    metrics = fit(args, model, loss_fn, batches, lambda epoch: args.lr, data.test, data.normalizer,
+    metrics = fit(args, model, Steps(batches, loss_fn), lambda epoch: args.lr, data.test, data.normalizer,
                   out_path=args.output, csv_path=csv_path, meta=dict(meta, retuned=True), evaluate_first=True,
                   tag='retune')
     if args.output:

@@ -26,17 +26,16 @@ import torch
 from tqdm import tqdm
 
 import config
-import defenses
-from cli import UserError, main_guard, parse_args
-from defenses import (ATTACKS, BLIND, DEFENSES, cell_commands, cell_settings, dataset_of, locked, short_hash,
-                      zoo_model)
+from cli import main_guard, parse_args
+from errors import UserError
 from files import atomic_write_bytes, write_csv
+from metrics import METRICS
+from table import ATTACKS, BLIND, COLUMNS, cell_commands, cell_settings, dataset_of, locked, short_hash, zoo_model
 
-COLUMNS = ('ACC', 'ACC_all', 'ACC_target', 'ASR', 'RA')  # a cell's numbers, as its script's summary has them
 RETUNED = ('ASR_retuned', 'ACC_retuned', 'RA_retuned')  # the same model after the retuning attack (retune.py)
 
 
-def all_cells(attacks, seeds, columns=tuple(DEFENSES)):
+def all_cells(attacks, seeds, columns=tuple(COLUMNS)):
     return [(a, d, s) for a in attacks for s in seeds for d in columns]
 
 
@@ -103,7 +102,7 @@ def write_markdown(rows, path):
             lines += ['', f"**{rows_of[0]['attack']}** [{key}]", '',
                       '| defense | ' + ' | '.join([label for _, label in SHOWN] + per_class) + ' | n | s |',
                       '|' + ' --- |' * (len(SHOWN) + len(per_class) + 3)]
-            for d, spec in DEFENSES.items():
+            for d, spec in COLUMNS.items():
                 got = [r for r in rows_of if r['defense'] == d]
                 if not got:
                     continue
@@ -124,7 +123,7 @@ def work_through(args, cells):
     """The worker loop: every cell not done and not held by another worker, once. On a terminal, a bar
     over the cells shows the running cell and the last line its script printed."""
     bar = tqdm(cells, desc='cells', unit='cell', disable=None, dynamic_ncols=True)
-    defenses.watch = lambda line: bar.set_postfix_str(line[-80:], refresh=True)
+    watch = lambda line: bar.set_postfix_str(line[-80:], refresh=True)
     for attack, defense, seed in bar:
         bar.set_description(f'{attack} {defense} seed {seed}')
         settings = cell_settings(args, attack)
@@ -137,8 +136,8 @@ def work_through(args, cells):
                 continue
             work = os.path.join(args.checkpoint_root, 'table', key, f's{seed}')
             log_root = os.path.join(args.table_dir, 'logs', key, f's{seed}')
-            metrics, seconds = cell_commands(args, attack, seed, work, log_root, names=[defense])[defense]()
-            row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in COLUMNS},
+            metrics, seconds = cell_commands(args, attack, seed, work, log_root, names=[defense], watch=watch)[defense]()
+            row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in METRICS},
                        **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
                                                         'warning', 'synthesised_class')},
                        seconds=seconds, settings_key=key, settings=settings)
@@ -197,7 +196,7 @@ def main():
             raise UserError(f'run_table.py does not take --{name}: use {instead}')
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
-    columns = parse_list(args.defenses, 'defenses', DEFENSES)
+    columns = parse_list(args.defenses, 'defenses', COLUMNS)
     needs_pattern = 'trojan' in attacks and not zoo_model(args, 'trojan')  # a zoo's trojan model carries it
     if needs_pattern and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "

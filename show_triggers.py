@@ -8,7 +8,8 @@ import tempfile
 import numpy as np
 import torch
 
-from cli import UserError, main_guard, parse_args
+from cli import main_guard, parse_args
+from errors import UserError
 from data_loader import load_dataset
 from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger
 

@@ -17,12 +17,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from checkpoints import make_meta
 from cli import main_guard, parse_args
 from config import BADNET_RECIPES
 from data_loader import RunData, batch_poisoner, poison_train_set, train_batches
-from models import select_model
+from device import compiled, data_parallel, end_distributed, prepare_model, setup
 from files import check_writable
-from utils import compiled, data_parallel, end_distributed, fit, make_meta, prepare_model, setup, step_lr, summary_line
+from metrics import summary_line
+from models import select_model
+from training import Steps, fit
+from utils import step_lr
 
 
 def default_output(args):
@@ -67,7 +71,7 @@ def main():
     milestones = [round(f * args.epochs) for f in recipe['milestones']]
     lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
     meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
-    metrics = fit(args, model, loss_fn, batches, lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
+    metrics = fit(args, model, Steps(batches, loss_fn), lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
                   meta=meta, nesterov=recipe['nesterov'], tag='badnet')
     end_distributed(args)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')

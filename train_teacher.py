@@ -3,30 +3,26 @@
     python train_teacher.py --data_root /tmp/data/cifar10            # weight/s_net/WRN-16-1.tar -> weight/t_net/
     python train_teacher.py --s_model weight/s_net/blend.tar --ratio 0.05 --teacher_epochs 10
 
-The recipe is NAD's teacher (teacher.py): all layers, cross-entropy, crop + flip + Cutout, SGD
-Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after.
+The recipe is NAD's teacher (defenses/ft.py, config.DEFENSES['ft']): all layers, cross-entropy, crop +
+flip + Cutout, SGD Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after.
 """
 import os
-import time
 
 from cli import main_guard, parse_args
+from defenses import defense_setup, finish
+from defenses.ft import finetune, teacher_path
 from files import check_writable
-from teacher import finetune, teacher_path
-from utils import defender_check, defense_setup, summary_line
 
 
 def main():
     args = parse_args('train_teacher.py', description=__doc__.split('\n\n')[0])
-    t0 = time.time()
     run = defense_setup(args)
     out = args.output or teacher_path(args, run.s_name)
     csv_path = os.path.join(args.log_root, f'teacher_{run.s_name}.csv')
     check_writable(out)
     check_writable(csv_path)
     metrics = finetune(args, run, run.model, out, csv_path)
-    defender_check(run, run.model, args, metrics)
-    print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
-    print(summary_line(metrics, args.json))
+    finish(run, run.model, args, metrics, out, csv_path)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,8 @@ Every model's forward(x) returns logits; forward(x, features=True) returns
 (logits, (a1, a2, a3), pooled): the three group activations used by AT/NAD/ARGD and the
 pooled feature used by MCL.
 """
+import contextlib
+
 from .resnet import ResNet18, ResNet34
 from .wresnet import WideResNet
 
@@ -23,3 +25,14 @@ def select_model(name, num_classes):
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
     return MODELS[name](num_classes)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The block runs with the model in eval mode (BatchNorm's running statistics); its mode is put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

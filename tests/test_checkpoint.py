@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import files
-import utils
+import checkpoints
 from cli import UserError, parse_args
 from models import select_model
 
@@ -18,14 +18,14 @@ def saved(tmp_path, arch='WRN-10-1', meta=None):
     torch.manual_seed(0)
     model = select_model(arch, 4)
     path = str(tmp_path / 'm.tar')
-    utils.save_checkpoint(path, model, meta or {'arch': arch, 'num_classes': 4, 'normalize': [0] * 3 + [1] * 3}, 3,
+    checkpoints.save_checkpoint(path, model, meta or {'arch': arch, 'num_classes': 4, 'normalize': [0] * 3 + [1] * 3}, 3,
                           {'ACC': 90.0, 'ASR': 99.0})
     return model, path
 
 
 def test_round_trip_is_identical(tmp_path):
     model, path = saved(tmp_path)
-    loaded, meta = utils.load_model(path, args(), None, torch.device('cpu'))
+    loaded, meta = checkpoints.load_model(path, args(), None, torch.device('cpu'))
     assert meta['arch'] == 'WRN-10-1' and meta['num_classes'] == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -46,7 +46,7 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError):
             torch.load(path, weights_only=True)  # what a naive load does on a CPU-only machine
-    loaded, _ = utils.load_model(path, args('--arch', 'WRN-10-1'), 4, torch.device('cpu'))
+    loaded, _ = checkpoints.load_model(path, args('--arch', 'WRN-10-1'), 4, torch.device('cpu'))
     assert torch.equal(loaded.state_dict()['fc.weight'], model.state_dict()['fc.weight'])
 
 
@@ -56,7 +56,7 @@ def test_meta_is_written(tmp_path):
     a = args('--dataset', 'CIFAR10')
     attack = dict(trigger_type='wanetTrigger', target_type='all2one', target_label=3, inject_portion=0.1, trig_w=3,
                   trig_h=3, trigger=make_trigger('wanetTrigger', 32, seed=0))
-    meta = utils.make_meta(a, 'WRN-10-1', 4, 32, Normalizer('cifar', 'cpu'), attack, 'test')
+    meta = checkpoints.make_meta(a, 'WRN-10-1', 4, 32, Normalizer('cifar', 'cpu'), attack, 'test')
     _, path = saved(tmp_path, meta=meta)
     m = torch.load(path, weights_only=True)['meta']
     assert m['arch'] == 'WRN-10-1' and m['dataset'] == 'CIFAR10' and m['image_size'] == 32
@@ -72,11 +72,11 @@ def test_malicious_pickle_never_runs(tmp_path):
             return (os.system, (f'touch {marker}',))
     torch.save({'state_dict': Evil()}, tmp_path / 'evil.tar')
     with pytest.raises(UserError, match='could run code'):
-        utils.load_checkpoint(str(tmp_path / 'evil.tar'))
+        checkpoints.load_checkpoint(str(tmp_path / 'evil.tar'))
     with open(tmp_path / 'evil.pkl', 'wb') as f:  # a bare pickle is refused too
         pickle.dump({'state_dict': Evil()}, f)
     with pytest.raises(UserError, match='could run code|not a readable'):
-        utils.load_checkpoint(str(tmp_path / 'evil.pkl'))
+        checkpoints.load_checkpoint(str(tmp_path / 'evil.pkl'))
     assert not marker.exists()
 
 
@@ -88,19 +88,19 @@ def test_broken_files_give_clear_errors(tmp_path, content):
     path = tmp_path / 'bad.tar'
     path.write_bytes(content)
     with pytest.raises(UserError, match='empty|not a readable'):
-        utils.load_checkpoint(str(path))
+        checkpoints.load_checkpoint(str(path))
 
 
 def test_missing_directory_and_wrong_architecture(tmp_path):
     with pytest.raises(UserError, match='not found'):
-        utils.load_checkpoint(str(tmp_path / 'nope.tar'))
+        checkpoints.load_checkpoint(str(tmp_path / 'nope.tar'))
     with pytest.raises(UserError, match='directory'):
-        utils.load_checkpoint(str(tmp_path))
+        checkpoints.load_checkpoint(str(tmp_path))
     _, path = saved(tmp_path)
     with pytest.raises(UserError, match=r'does not fit WRN-16-1.*(missing|unexpected)'):
-        utils.load_model(path, args('--arch', 'WRN-16-1'), 4, torch.device('cpu'))
+        checkpoints.load_model(path, args('--arch', 'WRN-16-1'), 4, torch.device('cpu'))
     with pytest.raises(UserError, match=r'shape mismatch 2: fc.weight \(4, 64\) vs \(10, 64\)'):
-        utils.load_model(path, args('--num_class', '10'), None, torch.device('cpu'))
+        checkpoints.load_model(path, args('--num_class', '10'), None, torch.device('cpu'))
 
 
 def test_nan_weights_are_refused(tmp_path):
@@ -108,9 +108,9 @@ def test_nan_weights_are_refused(tmp_path):
     with torch.no_grad():
         model.fc.weight[0, 0] = float('nan')
     path = str(tmp_path / 'nan.tar')
-    utils.save_checkpoint(path, model, {'arch': 'WRN-10-1', 'num_classes': 4}, 1, {})
+    checkpoints.save_checkpoint(path, model, {'arch': 'WRN-10-1', 'num_classes': 4}, 1, {})
     with pytest.raises(UserError, match='NaN'):
-        utils.load_model(path, args(), 4, torch.device('cpu'))
+        checkpoints.load_model(path, args(), 4, torch.device('cpu'))
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -20,23 +20,74 @@ def changed(value, kind):
     return f'{value}-edited'
 
 
-@pytest.mark.parametrize('script', sorted(cli.SCRIPTS))
-def test_every_option_default_comes_from_config_and_an_edit_there_reaches_the_parser(script, monkeypatch):
-    parser = cli.get_arguments(script)
-    options = [(a.dest, a.type) for a in parser._actions if a.option_strings and a.dest != 'help']
-    groups = cli.SCRIPTS[script][1]
+CHOICES = [(script, defense) for script in sorted(cli.SCRIPTS)
+           for defense in (cli.defenses_of(script) if script in config.DEFAULT_DEFENSE else [None])]
+
+
+@pytest.mark.parametrize('script,defense', CHOICES)
+def test_every_option_default_comes_from_config_and_an_edit_there_reaches_the_parser(script, defense, monkeypatch):
+    """Each option's default is in exactly one place: the chosen defense's entry (config.DEFENSES), the
+    teacher's (FT's entry), or one config.py group; an option only other defenses have is None."""
+    argv = ['--defense', defense] if defense and script != 'train_teacher.py' else []
+    parser = cli.get_arguments(script, defense=defense)
+    options = [(a.dest, a.type) for a in parser._actions if a.option_strings and a.dest not in ('help', 'defense')]
+    others = set().union(*(config.DEFENSES[d] for d in cli.defenses_of(script))) if defense else set()
     for name, kind in options:
-        owners = [g for g in groups if name in g]
-        assert len(owners) == 1, f'{script} --{name}: its default must be in exactly one config.py group'
-        monkeypatch.setitem(owners[0], name, changed(owners[0][name], kind))
-        assert getattr(cli.get_arguments(script).parse_args([]), name) == owners[0][name], name
+        if defense and name in config.DEFENSES[defense]:
+            owner = config.DEFENSES[defense]
+        elif name in cli.TEACHER_OPTIONS:
+            owner = config.DEFENSES['ft']
+        elif name in others:  # another defense's option: not used by this one
+            assert getattr(cli.get_arguments(script, defense=defense).parse_args(argv), name) is None, name
+            continue
+        else:
+            owners = [g for g in cli.SCRIPTS[script][1] if name in g]
+            assert len(owners) == 1, f'{script} --{name}: its default must be in exactly one config.py group'
+            owner = owners[0]
+        monkeypatch.setitem(owner, name, changed(owner[name], kind))
+        assert getattr(cli.get_arguments(script, defense=defense).parse_args(argv), name) == owner[name], name
+
+
+def test_help_shows_the_values_the_chosen_defense_runs_with():
+    """PAM runs with momentum 0.1: --help says so, and the parsed value is it (no override after parsing)."""
+    text = ' '.join(cli.get_arguments('main_ft.py').format_help().split())
+    assert 'SGD momentum (default for pam: 0.1)' in text and '(default for pam: 30)' in text
+    assert cli.parse_args('main_ft.py', []).momentum == 0.1
+    fst = cli.parse_args('main_ft.py', ['--defense', 'fst'])
+    assert (fst.momentum, fst.epochs, fst.batch_size, fst.alpha, fst.rho) == (0.9, 10, 128, 0.1, None)
+    fst_help = ' '.join(cli.get_arguments('main_ft.py', defense='fst').format_help().split())
+    assert 'SGD momentum (default for fst: 0.9)' in fst_help and '(not used by fst)' in fst_help
+    nad = cli.parse_args('main-ARGD.py', ['--defense=nad'])
+    assert (nad.epochs, nad.beta1, nad.vert_weights) == (20, 500, None)
+    assert cli.parse_args('main-ARGD.py', ['--defense', 'argd-si']).source == 'inverted'
+    assert cli.parse_args('main_mcl.py', ['--defense', 'mcl-tk']).keep_target is True
+    assert cli.parse_args('main_ft.py', ['--defense', 'pam', '--momentum', '0.5']).momentum == 0.5  # a flag wins
+    with pytest.raises(cli.UserError, match="unknown defense 'argd'"):
+        cli.parse_args('main_ft.py', ['--defense', 'argd'])
+
+
+def test_every_registered_defense_runs_from_its_entry():
+    """One entry per defense: its script offers it, the table has it as a column, and every recipe key that is
+    one of the script's options is the value the parsed command line holds."""
+    import table
+    for key, entry in config.DEFENSES.items():
+        script = entry['script']
+        assert key in cli.defenses_of(script) and key in table.COLUMNS and entry['label'] == table.COLUMNS[key]['label']
+        assert os.path.exists(os.path.join(ROOT, 'defenses', entry['module'] + '.py')), key
+        args = cli.parse_args(script, [] if script == 'train_teacher.py' else ['--defense', key])
+        for name, value in entry.items():
+            if hasattr(args, name) and name != 'vert_weights':  # parsed into a list of numbers
+                assert getattr(args, name) == value, (key, name)
+    assert list(table.COLUMNS) == ['none', *config.DEFENSES, 'floor']
+    assert table.BLIND == tuple(k for k in config.DEFENSES if k not in ('mcl', 'mcl-tk'))
 
 
 def test_a_flag_beats_the_checkpoint_meta_which_beats_config():
+    from checkpoints import resolve
     args = cli.parse_args('evaluate.py', ['--arch', 'WRN-10-1'])
-    assert cli.resolve(args, 'arch', 'ResNet18') == 'WRN-10-1'          # given on the command line
-    assert cli.resolve(args, 'num_class', 43) == 43                     # meta
-    assert cli.resolve(args, 'trigger_type', None) == config.ATTACK['trigger_type']  # neither: config.py
+    assert resolve(args, 'arch', 'ResNet18') == 'WRN-10-1'          # given on the command line
+    assert resolve(args, 'num_class', 43) == 43                     # meta
+    assert resolve(args, 'trigger_type', None) == config.ATTACK['trigger_type']  # neither: config.py
 
 
 def test_editing_config_py_reaches_the_script_itself(tmp_path):
@@ -44,12 +95,12 @@ def test_editing_config_py_reaches_the_script_itself(tmp_path):
     work = tmp_path / 'project'
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns('tests', 'weight', 'results', '.git', '*.pyc'))
     text = (work / 'config.py').read_text()
-    marker = "MAIN_MCL = dict(\n    epochs=20,                 # MCL erasing epochs\n    lr=0.1,"
+    marker = "    epochs=20,                 # MCL erasing epochs\n    lr=0.1,"
     assert marker in text
     (work / 'config.py').write_text(text.replace(marker, marker.replace('lr=0.1', 'lr=0.037')))
     r = run_script(str(work / 'main_mcl.py'), '--help')
     assert r.returncode == 0, r.stderr
-    assert '(default: 0.037)' in ' '.join(r.stdout.split()), r.stdout
+    assert '(default for mcl: 0.037)' in ' '.join(r.stdout.split()), r.stdout
 
 
 @pytest.mark.parametrize('script,has,lacks', [

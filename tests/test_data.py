@@ -127,3 +127,78 @@ def test_cutout_blacks_out_the_references_clipped_hole():
         r, c = holes[i].nonzero().T
         assert r.max() - r.min() == (1 if sizes[i] == 4 or (sizes[i] == 2 and c.min() == c.max()) else 0)
         assert holes[i, r.min():r.max() + 1, c.min():c.max() + 1].all()  # a filled rectangle
+
+
+@pytest.mark.parametrize('trigger_type, target_type', [('gridTrigger', 'all2one'), ('blendedTrigger', 'all2all'),
+                                                       ('signalTrigger', 'cleanLabel')])
+def test_dataset_bd_is_pixel_identical_to_what_the_scripts_train_and_score_on(image_folder, trigger_type, target_type):
+    """The references' DatasetBD over a torchvision-style set of PIL images: mode='train' is train_badnet.py's
+    poisoned set, mode='test' with inject_portion 1 the backdoor test set ASR is scored on (RunData's), 0 the
+    references' clean test set (no target class); DatasetCL is the defenders' clean subset; a plain DataLoader
+    batches them."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from cli import parse_args
+    from data_loader import DatasetBD, DatasetCL, RunData
+    data = load_dataset('ImageFolder', image_folder, verbose=False)
+    pil = lambda split: [(Image.fromarray(img.numpy()), int(label))
+                         for img, label in zip(data[f'x_{split}'], data[f'y_{split}'])]
+    opt = SimpleNamespace(target_label=1, trig_w=3, trig_h=3, trigger_type=trigger_type, target_type=target_type,
+                          seed=3, num_class=4, ratio=0.1)
+    args = parse_args('train_badnet.py', ['--dataset', 'ImageFolder', '--data_root', image_folder, '--seed', 3,
+                                          '--trigger_type', trigger_type, '--target_type', target_type,
+                                          '--target_label', 1, '--inject_portion', 0.3])
+    run = RunData(args, torch.device('cpu'), verbose=False)
+
+    train = DatasetBD(opt, pil('train'), 0.3, mode='train')
+    x, y, idx = poison_train_set(data['x_train'], data['y_train'], run.attack, 4, 3)
+    assert torch.equal(train.x, x) and torch.equal(train.y, y) and torch.equal(train.poisoned, idx) and len(idx) > 0
+
+    bad = DatasetBD(opt, pil('test'), 1, mode='test')
+    assert torch.equal(bad.x, run.test['x_bd']) and torch.equal(bad.y, run.test['y_bd'])
+    assert (bad.y == (run.test['y_bd_true'] + 1) % 4).all() if target_type == 'all2all' else (bad.y == 1).all()
+    clean = DatasetBD(opt, pil('test'), 0, mode='test')
+    keep = run.test['nontarget']
+    assert torch.equal(clean.x, data['x_test'][keep]) and torch.equal(clean.y, data['y_test'][keep])
+    assert target_type == 'all2all' or not (clean.y == 1).any()
+
+    cl = DatasetCL(opt, pil('train'))
+    assert torch.equal(cl.x, clean_subset(data['x_train'], data['y_train'], 0.1, 3)[0]) and len(cl) == 40
+
+    xb, yb = next(iter(DataLoader(bad, batch_size=16)))
+    assert xb.shape == (16, 32, 32, 3) and xb.dtype == torch.uint8 and torch.equal(yb, bad.y[:16])
+    to_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1).float() / 255  # what ToTensor gives
+    xt, _ = next(iter(DataLoader(DatasetBD(opt, pil('test'), 1, to_tensor, mode='test'), batch_size=8)))
+    assert torch.equal(xt, bad.x[:8].permute(0, 3, 1, 2).float() / 255)
+
+
+def test_dataset_bd_rejects_what_it_cannot_do(image_folder):
+    from types import SimpleNamespace
+
+    from data_loader import DatasetBD
+    data = load_dataset('ImageFolder', image_folder, verbose=False)
+    items = list(zip(data['x_test'].numpy(), data['y_test'].tolist()))  # HWC arrays serve as well as PIL images
+    opt = SimpleNamespace(target_label=0, trig_w=3, trig_h=3, trigger_type='gridTrigger', target_type='all2one')
+    with pytest.raises(ValueError, match='mode'):
+        DatasetBD(opt, items, 1, mode='val')
+    with pytest.raises(ValueError, match='distance'):
+        DatasetBD(opt, items, 1, mode='test', distance=2)
+    assert len(DatasetBD(opt, items, 1, mode='test')) == int((data['y_test'] != 0).sum())
+
+
+def test_the_references_loaders_take_a_scripts_options(image_folder):
+    """get_train_loader / get_test_loader / get_backdoor_loader with the options a script parses (opt)."""
+    from cli import parse_args
+    from data_loader import get_backdoor_loader, get_test_loader, get_train_loader
+    opt = parse_args('main-ARGD.py', ['--dataset', 'ImageFolder', '--data_root', image_folder, '--ratio', 0.1,
+                                      '--trigger_type', 'squareTrigger', '--inject_portion', 0.25])
+    xb, yb = next(iter(get_train_loader(opt)))
+    assert xb.shape == (40, 3, 32, 32) and 0 <= float(xb.min()) and float(xb.max()) <= 1  # 0.1 of 400, one batch
+    clean, bad = get_test_loader(opt)
+    assert len(clean.dataset) == len(bad.dataset) == 150 and (bad.dataset.y == 0).all()
+    x, _ = next(iter(bad))
+    assert (x[:, :, 28:31, 28:31] == 1).all()  # the 3x3 white square, one pixel from the corner
+    assert len(get_backdoor_loader(opt).dataset.poisoned) == 100  # 0.25 of 400

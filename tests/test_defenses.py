@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from conftest import make_images, run_script, summary
 from data_loader import Normalizer, poison_train_set
-from mcl import detect_target, frozen_features, invert_triggers
+from defenses.mcl import frozen_features
+from inversion import detect_target, invert_triggers
 from triggers import make_trigger
 
 

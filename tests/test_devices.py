@@ -6,7 +6,9 @@ import types
 import pytest
 import torch
 
-import utils
+import checkpoints
+import device
+import training
 from cli import UserError
 from conftest import tensors_in
 from data_loader import batch_poisoner, first_rank_first, retune_set, train_batches
@@ -28,17 +30,17 @@ def fake_gpu(monkeypatch, capability, name='Fake GPU'):
     ((6, 1), 'GTX 1080', False)])
 def test_auto_precision_picks_what_the_gpu_computes_natively(monkeypatch, capability, name, expect):
     fake_gpu(monkeypatch, capability, name)
-    amp, why = utils.pick_precision('auto', torch.device('cuda', 1))
+    amp, why = device.pick_precision('auto', torch.device('cuda', 1))
     assert amp == expect
     assert (name in why and f'{capability[0]}.{capability[1]}' in why) if expect else 'fp32' in why
 
 
 def test_asked_precisions_and_fp16_on_the_cpu(monkeypatch):
     fake_gpu(monkeypatch, (7, 5))
-    assert utils.pick_precision('fp32', torch.device('cuda'))[0] is False
-    assert utils.pick_precision('bf16', torch.device('cuda'))[0] == 'bf16'  # asked for: emulated, but asked
+    assert device.pick_precision('fp32', torch.device('cuda'))[0] is False
+    assert device.pick_precision('bf16', torch.device('cuda'))[0] == 'bf16'  # asked for: emulated, but asked
     with pytest.raises(UserError, match='fp16 is for CUDA'):
-        utils.pick_precision('fp16', torch.device('cpu'))
+        device.pick_precision('fp16', torch.device('cpu'))
 
 
 def test_fp16_steps_go_through_a_grad_scaler_and_learn():
@@ -50,17 +52,17 @@ def test_fp16_steps_go_through_a_grad_scaler_and_learn():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
     loss_fn = lambda xb, yb: torch.nn.functional.cross_entropy(model(xb), yb)
-    first = utils.train_epoch(model, opt, loss_fn, [(x, y)], 0.5, 'fp16', scaler=scaler)
+    first = training.train_epoch(model, opt, loss_fn, [(x, y)], 0.5, 'fp16', scaler=scaler)
     for _ in range(30):
-        last = utils.train_epoch(model, opt, loss_fn, [(x, y)], 0.5, 'fp16', scaler=scaler)
+        last = training.train_epoch(model, opt, loss_fn, [(x, y)], 0.5, 'fp16', scaler=scaler)
     assert last < first * 0.7, (first, last)
     assert scaler.state_dict()['scale'] > 0 and scaler._growth_tracker is not None
 
 
 def test_autocast_dtypes():
-    assert utils.autocast(torch.device('cpu'), 'fp16').fast_dtype == torch.float16
-    assert utils.autocast(torch.device('cpu'), 'bf16').fast_dtype == torch.bfloat16
-    assert not utils.autocast(torch.device('cpu'), False)._enabled
+    assert device.autocast(torch.device('cpu'), 'fp16').fast_dtype == torch.float16
+    assert device.autocast(torch.device('cpu'), 'bf16').fast_dtype == torch.bfloat16
+    assert not device.autocast(torch.device('cpu'), False)._enabled
 
 
 def test_resume_state_is_read_onto_the_cpu_whatever_the_models_device(monkeypatch, tmp_path):
@@ -74,21 +76,21 @@ def test_resume_state_is_read_onto_the_cpu_whatever_the_models_device(monkeypatc
     rng = torch.get_rng_state()
     run_id = {'tag': 't', 'epochs': 2}
     path = str(tmp_path / 'm.tar.resume')
-    atomic_save(utils.on_cpu({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'extra': {}, 'rng': rng,
+    atomic_save(checkpoints.on_cpu({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'extra': {}, 'rng': rng,
                               'rows': [{'epoch': 1}], 'run_id': run_id}), path)
-    real = utils.load_checkpoint
+    real = checkpoints.load_checkpoint
 
     def load_onto(p, map_location='cpu'):
         obj = real(p, 'cpu')
         if map_location != 'cpu':  # a torch.device: where the model lives, here "not the CPU"
             obj = {k: (v.to('meta') if torch.is_tensor(v) else v) for k, v in obj.items()}
         return obj
-    monkeypatch.setattr(utils, 'load_checkpoint', load_onto)
+    monkeypatch.setattr(training, 'load_checkpoint', load_onto)
     torch.manual_seed(0)
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     args = types.SimpleNamespace(resume=True)
-    rows = utils.load_resume_state(args, path, run_id, fresh, fresh_opt, {}, 't')
+    rows = training.load_resume_state(args, path, run_id, fresh, fresh_opt, {}, 't')
     assert rows == [{'epoch': 1}]
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
@@ -105,10 +107,10 @@ def test_a_checkpoint_moves_everything_to_the_cpu_meta_included(monkeypatch, tmp
         return out
     monkeypatch.setattr(torch.Tensor, 'cpu', cpu)
     saved = {}
-    monkeypatch.setattr(utils, 'atomic_save', lambda obj, path: saved.update(obj=obj))
+    monkeypatch.setattr(checkpoints, 'atomic_save', lambda obj, path: saved.update(obj=obj))
     pattern, grid = torch.rand(3, 4, 4), torch.rand(4, 4, 2)
     meta = {'attack': {'trigger': {'pattern': grid}}, 'mcl_pattern': pattern, 'list': [torch.ones(2)]}
-    utils.save_checkpoint(str(tmp_path / 'x.tar'), torch.nn.Linear(2, 2), meta, 1, {'ACC': 1.0})
+    checkpoints.save_checkpoint(str(tmp_path / 'x.tar'), torch.nn.Linear(2, 2), meta, 1, {'ACC': 1.0})
 
     found = list(tensors_in(saved['obj']))
     assert len(found) == 5 and all(id(t) in moved for t in found)
@@ -127,12 +129,12 @@ def test_compile_auto_checks_what_inductor_needs_at_run_time(monkeypatch, tmp_pa
     if missing != 'headers':
         (include / 'Python.h').write_text('')
     monkeypatch.setattr(sysconfig, 'get_paths', lambda: {'include': str(include)})
-    assert expect in utils.compile_toolchain_missing(torch.device('cuda'))
+    assert expect in device.compile_toolchain_missing(torch.device('cuda'))
     args = types.SimpleNamespace(compile='auto')
     model = torch.nn.Linear(2, 2)
-    assert utils.compiled(model, args, torch.device('cuda')) is model  # eager, with one line
+    assert device.compiled(model, args, torch.device('cuda')) is model  # eager, with one line
     with pytest.raises(UserError, match='--compile off'):
-        utils.compiled(model, types.SimpleNamespace(compile='on'), torch.device('cuda'))
+        device.compiled(model, types.SimpleNamespace(compile='on'), torch.device('cuda'))
 
 
 def test_per_batch_draws_and_the_wanet_grid_make_no_host_copies(monkeypatch):
@@ -171,7 +173,7 @@ def test_retune_share_that_cannot_be_met_is_refused():
 def test_deterministic_sets_the_cuda_flags(monkeypatch):
     monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
     try:
-        utils.make_deterministic()
+        device.make_deterministic()
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark and os.environ['CUBLAS_WORKSPACE_CONFIG']
     finally:
@@ -192,7 +194,7 @@ def _ranks(rank, world, folder, port):
             f.write(f'end {rank}\n')
         return rank
     assert first_rank_first(load) == rank
-    finite = utils.all_ranks_finite(float('nan') if rank == 1 else 0.5, types.SimpleNamespace(world_size=world))
+    finite = training.all_ranks_finite(float('nan') if rank == 1 else 0.5, types.SimpleNamespace(world_size=world))
     with open(os.path.join(folder, f'finite{rank}'), 'w') as f:
         f.write(str(finite))
     torch.distributed.destroy_process_group()
@@ -213,8 +215,8 @@ def test_batchnorm_runs_synchronised_across_gpu_ranks_only(monkeypatch):
     from models import select_model
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', lambda model, device_ids=None: model)
     args = types.SimpleNamespace(world_size=2)
-    gpu = utils.data_parallel(select_model('WRN-10-1', 4), torch.device('cuda', 0), args)
-    cpu = utils.data_parallel(select_model('WRN-10-1', 4), torch.device('cpu'), args)
+    gpu = device.data_parallel(select_model('WRN-10-1', 4), torch.device('cuda', 0), args)
+    cpu = device.data_parallel(select_model('WRN-10-1', 4), torch.device('cpu'), args)
     kinds = lambda m: {type(x) for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)}
     assert kinds(gpu) == {torch.nn.SyncBatchNorm} and kinds(cpu) == {torch.nn.BatchNorm2d}
     assert list(gpu.state_dict()) == list(select_model('WRN-10-1', 4).state_dict())  # the checkpoint names stay

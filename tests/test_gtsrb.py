@@ -95,15 +95,15 @@ def test_per_data_set_config_normalisation_no_crop_flip_and_meta(gtsrb):
 
 
 def test_a_gtsrb_table_reads_its_own_zoo_and_tells_mcl_the_rows_target(tmp_path):
-    import defenses
+    import table
     from cli import parse_args
     zoo = tmp_path / 'zoo' / 'gtsrb'
     zoo.mkdir(parents=True)
     (zoo / 'sig-cl.tar').write_bytes(b'x')
     (tmp_path / 'zoo' / 'sig-cl.tar').write_bytes(b'y')  # CIFAR-10's, not this table's
     args = parse_args('run_table.py', ['--dataset', 'GTSRB', '--data_root', str(tmp_path), '--checkpoint_root', str(tmp_path)])
-    assert defenses.zoo_model(args, 'sig-cl') == str(zoo / 'sig-cl.tar')
-    assert defenses.row_target(args, 'sig-cl') == 2 and defenses.row_target(args, 'badnet') == 0
+    assert table.zoo_model(args, 'sig-cl') == str(zoo / 'sig-cl.tar')
+    assert table.row_target(args, 'sig-cl') == 2 and table.row_target(args, 'badnet') == 0
     cifar = parse_args('run_table.py', ['--data_root', str(tmp_path), '--checkpoint_root', str(tmp_path)])
-    assert defenses.zoo_model(cifar, 'sig-cl') == str(tmp_path / 'zoo' / 'sig-cl.tar')
-    assert defenses.row_target(cifar, 'sig-cl') == 0
+    assert table.zoo_model(cifar, 'sig-cl') == str(tmp_path / 'zoo' / 'sig-cl.tar')
+    assert table.row_target(cifar, 'sig-cl') == 0

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from argd import ARGDLoss, edge_lengths, edge_loss, embedding_value
 from at import at_loss, attention_map, nad_loss
-from mcl import anomaly_indices, contrastive_loss, detect_target, size_penalty
+from defenses.argd import ARGDLoss, edge_lengths, edge_loss, embedding_value
+from defenses.mcl import contrastive_loss
+from inversion import anomaly_indices, detect_target, size_penalty
 
 
 def test_attention_map_and_at_loss():

@@ -32,13 +32,13 @@ def test_unknown_model():
 
 
 def test_compile_auto_falls_back_without_a_toolchain_and_on_refuses(monkeypatch, capsys):
-    import utils
+    import device
     from cli import UserError
     from types import SimpleNamespace
     model = select_model('WRN-10-1', 10)
-    monkeypatch.setattr(utils.shutil, 'which', lambda name: None)  # no C++ compiler on PATH
-    assert utils.compiled(model, SimpleNamespace(compile='auto'), torch.device('cpu')) is model
+    monkeypatch.setattr(device.shutil, 'which', lambda name: None)  # no C++ compiler on PATH
+    assert device.compiled(model, SimpleNamespace(compile='auto'), torch.device('cpu')) is model
     assert 'torch.compile off (a C++ compiler not found)' in capsys.readouterr().out
     with pytest.raises(UserError, match=r'--compile on needs a C\+\+ compiler; use --compile off'):
-        utils.compiled(model, SimpleNamespace(compile='on'), torch.device('cpu'))
-    assert utils.compiled(model, SimpleNamespace(compile='off'), torch.device('cpu')) is model
+        device.compiled(model, SimpleNamespace(compile='on'), torch.device('cpu'))
+    assert device.compiled(model, SimpleNamespace(compile='off'), torch.device('cpu')) is model

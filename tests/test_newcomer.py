@@ -6,22 +6,24 @@ import shutil
 import pytest
 import torch
 
-import defenses
+import table
 from cli import get_arguments
 from conftest import ROOT, run_script
 
 
-def help_of(script, flag):
-    text = ' '.join(get_arguments(script).format_help().split('options:')[1].split())  # the list, not the usage
+def help_of(script, flag, defense=None):
+    text = ' '.join(get_arguments(script, defense=defense).format_help().split('options:')[1].split())  # not the usage
     return text[text.index(flag + ' '):][:400]
 
 
-@pytest.mark.parametrize('script, flag, shown', [
-    ('train_badnet.py', '--seed', '(default: 0)'), ('train_badnet.py', '--target_label', '(default: 0)'),
-    ('main-ARGD.py', '--epochs', 'per defense: argd 10, nad 20'),
-    ('main_ft.py', '--epochs', 'ft-at 10, pam 30, fst 10, sau 12'), ('main_ft.py', '--lr', 'sau 0.0001')])
-def test_help_shows_zero_and_per_defense_defaults(script, flag, shown):
-    assert shown in help_of(script, flag)
+@pytest.mark.parametrize('script, flag, defense, shown', [
+    ('train_badnet.py', '--seed', None, '(default: 0)'), ('train_badnet.py', '--target_label', None, '(default: 0)'),
+    ('main-ARGD.py', '--epochs', None, '(default for argd: 10)'), ('main-ARGD.py', '--epochs', 'nad', '(default for nad: 20)'),
+    ('main-ARGD.py', '--defense', None, '{argd,nad,argd-si}'),
+    ('main_ft.py', '--defense', None, '{pam,ft-at,ft-si,fst} the defense'),
+    ('main_ft.py', '--epochs', 'fst', '(default for fst: 10)')])
+def test_help_shows_zero_and_per_defense_defaults(script, flag, defense, shown):
+    assert shown in help_of(script, flag, defense)
 
 
 def test_help_says_which_square_side_is_which():
@@ -71,16 +73,15 @@ def test_run_table_refuses_options_it_cannot_pass_on(tmp_path):
 def test_run_table_passes_precision_and_eval_batch_size_to_every_cell():
     from cli import parse_args
     args = parse_args('run_table.py', ['--precision', 'fp32', '--eval_batch_size', 64, '--data_root', ROOT])
-    flags = list(map(str, defenses.common_flags(args, 0)))
+    flags = list(map(str, table.common_flags(args, 0)))
     assert flags[flags.index('--precision') + 1] == 'fp32' and flags[flags.index('--eval_batch_size') + 1] == '64'
-    assert defenses.cell_settings(args, 'badnet')['precision'] == 'fp32'  # another precision: other cells
+    assert table.cell_settings(args, 'badnet')['precision'] == 'fp32'  # another precision: other cells
     auto = parse_args('run_table.py', ['--data_root', ROOT])
-    assert 'precision' not in defenses.cell_settings(auto, 'badnet')  # the default keeps the cells' keys
+    assert 'precision' not in table.cell_settings(auto, 'badnet')  # the default keeps the cells' keys
 
 
-def test_a_running_script_reports_each_line(backdoored, image_folder, monkeypatch):
+def test_a_running_script_reports_each_line(backdoored, image_folder):
     seen = []
-    monkeypatch.setattr(defenses, 'watch', seen.append)
-    metrics, _ = defenses.run('evaluate.py', '--model', backdoored['path'], '--dataset', 'ImageFolder',
-                              '--data_root', image_folder)
+    metrics, _ = table.run('evaluate.py', '--model', backdoored['path'], '--dataset', 'ImageFolder',
+                           '--data_root', image_folder, watch=seen.append)
     assert seen[0].startswith('evaluate.py: device') and metrics['ASR'] == backdoored['metrics']['ASR']

@@ -1,5 +1,5 @@
-"""The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, SAU's
-masks and losses, PGD's bounds, MCL-TK's loss) and each defense end to end on the planted backdoor."""
+"""The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, PGD's bounds,
+MCL-TK's loss) and each defense end to end on the planted backdoor."""
 import copy
 import json
 
@@ -9,10 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import run_script, summary
-from mcl import contrastive_loss, keep_target_loss
-from purify import (fst_penalty, js_divergence, keep_norm, path_aware_point, pgd_untargeted, reinit_head,
-                    shared_mask, shared_unlearning_loss, with_adversarial_share, with_pattern_share)
-from utils import train_epoch
+from adversarial import pgd_untargeted, with_adversarial_share, with_pattern_share
+from defenses.fst import fst_penalty, keep_norm, reinit_head
+from defenses.mcl import contrastive_loss, keep_target_loss
+from defenses.pam import path_aware_point
+from training import train_epoch
 
 
 def tiny_net(seed=0):
@@ -83,42 +84,6 @@ def test_fst_penalty_gradient_turns_the_head_away_from_the_original():
     assert torch.allclose(w.grad, 0.2 * w_orig)  # descending it lowers <W, W_orig>
 
 
-def test_sau_shared_mask_on_hand_made_predictions():
-    pred = torch.tensor([1, 2, 0, 3, 1])
-    pred_ref = torch.tensor([1, 2, 1, 3, 0])
-    clean = torch.tensor([0, 2, 0, 0, 0])
-    clean_ref = torch.tensor([0, 0, 0, 0, 1])
-    # 0: both moved to 1 (shared); 1: current model not moved; 2: current not moved;
-    # 3: both moved to 3 (shared); 4: both moved, to different labels
-    assert shared_mask(pred, pred_ref, clean, clean_ref).tolist() == [True, False, False, True, False]
-
-
-def test_sau_unlearning_loss_value_and_mask():
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.9995, 0.0004, 0.0001]]))
-    y = torch.tensor([0, 1, 2, 1])
-    pred_ref_adv = torch.tensor([1, 1, 0, 2])  # image 1: the reference was not fooled (its true label)
-    clean_ref = torch.tensor([0, 1, 0, 1])     # image 2: fooled into 0, but 0 was its clean prediction: not moved
-    loss = shared_unlearning_loss(logits, pred_ref_adv, y, clean_ref)  # image 3: p_k = 0.0001 < 0.001, dropped
-    assert loss.item() == pytest.approx(-torch.log(torch.tensor(0.8)).item() / 4, rel=1e-4)  # only image 0: 1 - 0.2
-    assert shared_unlearning_loss(logits, y, y, clean_ref).item() == 0.0
-
-
-def test_sau_unlearning_loss_keeps_its_gradient_on_a_saturated_model():
-    logits = torch.tensor([[30.0, 0.0, 0.0]], requires_grad=True)  # p_0 = 1 - 2e-13: 1.0 in float
-    loss = shared_unlearning_loss(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
-    loss.backward()
-    assert loss.item() == pytest.approx(30 - float(torch.log(torch.tensor(2.0))), rel=1e-4)
-    assert logits.grad[0, 0] > 0.9  # descending it lowers the adversarial label's logit
-
-
-def test_js_divergence_is_zero_for_equal_and_symmetric_and_bounded():
-    a, b = torch.randn(4, 5), torch.randn(4, 5)
-    assert torch.allclose(js_divergence(a, a), torch.zeros(4), atol=1e-6)
-    assert torch.allclose(js_divergence(a, b), js_divergence(b, a), atol=1e-6)
-    far = js_divergence(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
-    assert float(far) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-3)
-
-
 def test_pgd_stays_in_the_ball_and_the_image_range_and_raises_the_loss():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).train()
@@ -176,18 +141,15 @@ def common(backdoored, image_folder, tmp_path):
 END_TO_END = {
     'ft-at': ['--epochs', 6, '--batch_size', 32],
     'pam': ['--epochs', 8, '--batch_size', 32, '--lr', 0.05],
-    'ft-si': ['--defense', 'ft-at', '--source', 'inverted', '--epochs', 6, '--batch_size', 32],
+    'ft-si': ['--epochs', 6, '--batch_size', 32],
     'fst': ['--epochs', 6, '--batch_size', 32],
-    'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(END_TO_END))
 def test_each_fine_tuning_defense_erases_the_planted_backdoor(name, backdoored, image_folder, tmp_path):
-    flags = END_TO_END[name]
-    defense = [] if '--defense' in flags else ['--defense', name]  # ft-si is ft-at with --source inverted
-    r = run_script('main_ft.py', *common(backdoored, image_folder, tmp_path), *defense, *flags)
+    r = run_script('main_ft.py', *common(backdoored, image_folder, tmp_path), '--defense', name, *END_TO_END[name])
     assert r.returncode == 0, r.stderr
     m = summary(r.stdout)
     assert backdoored['metrics']['ASR'] >= 90 and m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
@@ -216,6 +178,32 @@ def test_argd_with_a_synthesised_trigger_erases_and_writes_its_own_files(backdoo
     m = summary(r.stdout)
     assert m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
     assert (tmp_path / 'w' / 'erasing_net' / 'bd-si.tar').exists() and (tmp_path / 'logs' / 'argd-si_bd.csv').exists()
+
+
+# a registry key and the flags that chose the same defense before it had one (today's README commands)
+SAME_DEFENSE = [
+    ('main_ft.py', ['--defense', 'ft-si'], ['--defense', 'ft-at', '--source', 'inverted'], 'ft-si_net/bd.tar'),
+    ('main-ARGD.py', ['--defense', 'argd-si'], ['--source', 'inverted'], 'erasing_net/bd-si.tar'),
+    ('main_mcl.py', ['--defense', 'mcl-tk', '--mcl_target', 0, '--inv_epochs', 3], ['--mcl_target', 0, '--inv_epochs', 3,
+                                                                                   '--keep_target'], 'mcl-tk_net/bd.tar'),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script, key, flags, out', SAME_DEFENSE, ids=[k[1] for _, k, _, _ in SAME_DEFENSE])
+def test_a_registry_key_runs_exactly_what_its_old_flags_ran(script, key, flags, out, backdoored, image_folder, tmp_path):
+    """The table's cells now name a defense by its key: every tensor it writes equals the old command's."""
+    models = []
+    for i, chosen in enumerate((key, flags)):
+        run_flags = [*common(backdoored, image_folder, tmp_path / str(i)), '--epochs', 1, '--batch_size', 32,
+                     '--precision', 'fp32', '--t_model', tmp_path / 'teacher.tar', *chosen]
+        if script != 'main-ARGD.py':
+            run_flags = run_flags[:run_flags.index('--t_model')] + run_flags[run_flags.index('--t_model') + 2:]
+        r = run_script(script, *run_flags)
+        assert r.returncode == 0, r.stderr
+        models.append(torch.load(tmp_path / str(i) / 'w' / out, weights_only=True)['state_dict'])
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
 def test_argd_and_mcl_refuse_the_path_aware_step_they_do_not_keep(backdoored, image_folder, tmp_path):

@@ -9,7 +9,8 @@ import torch.nn as nn
 from conftest import make_images, run_script, summary
 from data_loader import Normalizer, clean_subset, make_test_sets, retune_set
 from triggers import make_trigger
-from utils import defender_check, evaluate
+from defenses import defender_check
+from metrics import evaluate
 
 
 def attack(kind='all2one'):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_script
-from defenses import ATTACKS, DEFENSES
+from table import ATTACKS, COLUMNS
 
 
 TESTED = ('none', 'ft', 'nad', 'argd', 'mcl', 'floor')  # the new defenses run end to end in test_purify.py
@@ -111,7 +111,7 @@ def test_shards_partition_the_cells(tmp_path):
     from run_table import all_cells
     cells = all_cells(['badnet', 'blended'], [0, 1, 2])
     shards = [cells[k::4] for k in range(4)]
-    assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 2 * 3 * len(DEFENSES)
+    assert sorted(c for s in shards for c in s) == sorted(cells) and len(cells) == 2 * 3 * len(COLUMNS)
     r = run_script('run_table.py', '--shard', '4/4', '--table_dir', tmp_path / 'results', cwd=tmp_path)
     assert r.returncode == 2 and '--shard needs K/N with 0 <= K < N' in r.stderr
 
@@ -135,16 +135,16 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
     shutil.rmtree(tmp_path / 'w')
     shutil.rmtree(tmp_path / 'results', ignore_errors=True)
 
-    import defenses
+    import table
     from cli import parse_args
     calls = []
-    monkeypatch.setattr(defenses, 'run', lambda script, *flags: calls.append((script, [str(f) for f in flags])) or
+    monkeypatch.setattr(table, 'run', lambda script, *flags, watch=None: calls.append((script, [str(f) for f in flags])) or
                         ({'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0))
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'x.npz').write_bytes(b'a pattern')  # the settings hash its content
     args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--model_seed', 3,
                                        '--checkpoint_root', tmp_path])
-    defenses.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
+    table.cell_commands(args, 'trojan', 4, str(tmp_path), str(tmp_path / 'logs'))['none']()
     (train, flags), (score, score_flags), (retune, retune_flags) = calls
     assert train == 'train_badnet.py' and score == 'evaluate.py' and retune == 'retune.py'
     model = flags[flags.index('--output') + 1]
@@ -158,21 +158,21 @@ def test_the_trojan_row_needs_the_pattern_and_trains_with_it(tmp_path, monkeypat
 def test_benchmark_times_every_defense_on_the_given_model_without_a_table(monkeypatch, tmp_path):
     """benchmark.py --end_to_end reads no table options (no --model_seed) and needs no clean control."""
     import benchmark
-    import defenses
+    import table
     from cli import parse_args
     calls = []
 
-    def fake_run(script, *flags):
+    def fake_run(script, *flags, watch=None):
         flags = [str(f) for f in flags]
         calls.append((script, flags))
         if script == 'train_teacher.py':  # the teacher is built once, as a file, before NAD and ARGD
             open(flags[flags.index('--output') + 1], 'wb').close()
         return {'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0
-    monkeypatch.setattr(defenses, 'run', fake_run)
+    monkeypatch.setattr(table, 'run', fake_run)
     args = parse_args('benchmark.py', ['--data_root', 'd', '--end_to_end', '--s_model', str(tmp_path / 'bd.tar')])
     timed = list(benchmark.defense_wall_times(args))
-    assert [name for name, _, _ in timed] == [d['label'] for k, d in DEFENSES.items() if k not in ('none', 'floor')]
-    assert {script for script, _ in calls} == {d['script'] for d in DEFENSES.values()} - {'evaluate.py'}
+    assert [name for name, _, _ in timed] == [d['label'] for k, d in COLUMNS.items() if k not in ('none', 'floor')]
+    assert {script for script, _ in calls} == {d['script'] for d in COLUMNS.values()} - {'evaluate.py'}
     assert all(flags[flags.index('--s_model') + 1] == str(tmp_path / 'bd.tar') for _, flags in calls)
     assert not any(script == 'retune.py' for script, _ in calls)  # wall times of the defenses alone
 
@@ -187,35 +187,38 @@ def test_per_class_columns_show_the_lowest_class_and_the_small_ones():
 
 def test_the_robustness_picture_never_averages_two_models_of_one_attack():
     from plot_curves import read_robustness
-    cell = lambda key, asr: dict(attack='trojan', settings_key=key, defense='ft', ASR=asr, ASR_retuned='1.0',
-                                 path_ASR='')
-    got = read_robustness([cell('old', '4.0'), cell('new', '2.0'), cell('new', '3.0')])
-    assert got == {'trojan [old]': {'FT': (4.0, 1.0, None)}, 'trojan [new]': {'FT': (2.5, 1.0, None)}}
+    cell = lambda key, asr, path='[100.0, 2.0]', defense='ft', attack='trojan': dict(
+        attack=attack, settings_key=key, defense=defense, ASR=asr, ASR_retuned='1.0', path_ASR=path)
+    got = read_robustness([cell('old', '4.0', '[100.0, 4.0]'), cell('new', '2.0'), cell('new', '3.0', '[100.0, 3.0]')])
+    assert got == {'trojan [old]': {'FT': (4.0, 1.0, [100.0, 4.0])}, 'trojan [new]': {'FT': (2.5, 1.0, [100.0, 2.5])}}
     assert list(read_robustness([cell('new', '2.0')])) == ['trojan']
+    # no empty panels: a model whose cells kept no path (a lost file), a row with only the undefended model
+    lost, control = cell('lost', '3.0', path=''), cell('c', '1.0', path='', defense='none', attack='clean')
+    assert list(read_robustness([lost, control, cell('new', '2.0')])) == ['trojan']
 
 
 def test_a_row_trained_here_is_keyed_by_its_content(tmp_path, monkeypatch):
     """Retraining a row's model (other code, another float order) gives other cells, never the old key."""
-    import defenses
+    import table
     from cli import parse_args
     trainings = []
 
-    def fake_run(script, *flags):
+    def fake_run(script, *flags, watch=None):
         flags = [str(f) for f in flags]
         trainings.append(script)
         with open(flags[flags.index('--output') + 1], 'wb') as f:
             f.write(f'model {len(trainings)}'.encode())
         return {'ACC': 1.0}, 1.0
-    monkeypatch.setattr(defenses, 'run', fake_run)
+    monkeypatch.setattr(table, 'run', fake_run)
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'x.npz').write_bytes(b'a pattern')
     args = parse_args('run_table.py', ['--data_root', 'd', '--trojan_pattern', 'x.npz', '--checkpoint_root', tmp_path])
-    first = defenses.cell_settings(args, 'trojan')
-    assert trainings == ['train_badnet.py'] and defenses.cell_settings(args, 'trojan') == first  # built once
-    path, _ = defenses.row_model(args, 'trojan')
+    first = table.cell_settings(args, 'trojan')
+    assert trainings == ['train_badnet.py'] and table.cell_settings(args, 'trojan') == first  # built once
+    path, _ = table.row_model(args, 'trojan')
     os.remove(path)
-    again = defenses.cell_settings(args, 'trojan')
-    assert len(trainings) == 2 and defenses.short_hash(again) != defenses.short_hash(first)
+    again = table.cell_settings(args, 'trojan')
+    assert len(trainings) == 2 and table.short_hash(again) != table.short_hash(first)
     assert {k: v for k, v in again.items() if k != 'model'} == {k: v for k, v in first.items() if k != 'model'}
 
 

@@ -1,4 +1,5 @@
-"""ARGD loss (Xia et al., IJCAI 2022): distil the attention relation graph of a teacher.
+"""ARGD (Xia et al., IJCAI 2022): distil the attention relation graph of the fine-tuned teacher (FT) into
+the backdoored student, beside cross-entropy (main-ARGD.py; the steps are NAD's, defenses/nad.py).
 
 Vertices are the attention maps of the three groups; the vertex loss matches them one to one
 (AT), the edge loss matches how far apart each pair of maps is, and the embedding loss lets
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from at import attention_map
+from defenses.nad import distill
 
 EDGE_PAIRS = ((0, 1), (1, 2), (0, 2))
 
@@ -90,3 +92,21 @@ class ARGDLoss(nn.Module):
         maps_t = [attention_map(f, self.p) for f in feats_t]
         return (self.w_vert * self.vertex(maps_s, maps_t) + self.w_edge * edge_loss(maps_s, maps_t)
                 + self.w_emb * self.embedding(self.embedding_weights(maps_s, maps_t), maps_s, maps_t))
+
+
+def options(add):
+    add('--p', type=float, help='AT: power of |activation| in the attention map')
+    add('--vert_weights', help='ARGD: vertex (AT) weights of groups 1,2,3')
+    add('--w_vert', type=float, help='ARGD: weight of the vertex loss')
+    add('--w_edge', type=float, help='ARGD: weight of the edge (relation graph) loss')
+    add('--w_emb', type=float, help='ARGD: weight of the embedding (cross-layer attention) loss')
+    add('--qk_dim', type=int, help='ARGD: query/key dimension of the embedding loss')
+    add('--train_projections', action='store_true', help="ARGD: optimise the embedding loss's query/key "
+        'projections with the student (the reference leaves them at their random initialisation)')
+
+
+def build(args, run, teacher):
+    """The student (run.model) distilled from `teacher`; the loss's projections resume with the run."""
+    criterion = ARGDLoss(3, args.vert_weights, args.w_vert, args.w_edge, args.w_emb, args.qk_dim, args.p,
+                         trainable=args.train_projections).to(run.device)
+    return distill(args, run, run.model, teacher, criterion, {'argd': criterion})

@@ -1,5 +1,6 @@
-"""The registries of the results table: attacks (rows) and defenses (columns), and how one cell
-is run: the project's own scripts in subprocesses, exactly as a user runs them.
+"""The results table: its rows (attacks), its columns (the undefended model, every defense of
+config.DEFENSES, the clean control), and how one cell is run: the project's own scripts in subprocesses,
+exactly as a user runs them.
 
 Read by run_table.py, benchmark.py --end_to_end, plot_curves.py and the tests.
 """
@@ -14,8 +15,8 @@ import tempfile
 import time
 
 import config
-from cli import UserError
 from data_loader import data_fingerprint
+from errors import UserError
 from files import atomic_write_bytes, content_hash
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,35 +33,24 @@ ATTACKS = {
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)
-# column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its
-# per-epoch log (None: no training) and its label in tables and pictures
-DEFENSES = {
+# column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its per-epoch log
+# (None: no training) and its label in tables and pictures; the defenses' come from config.DEFENSES
+COLUMNS = {
     'none': dict(script='evaluate.py', flags=[], log=None, label='none'),
-    'ft': dict(script='train_teacher.py', flags=[], log='teacher', label='FT'),
-    'nad': dict(script='main-ARGD.py', flags=['--defense', 'nad'], log='nad', label='NAD'),
-    'argd': dict(script='main-ARGD.py', flags=[], log='argd', label='ARGD'),
-    'mcl': dict(script='main_mcl.py', flags=['--mcl_target', TOLD], log='mcl', label='MCL'),  # told the target
-    'mcl-tk': dict(script='main_mcl.py', flags=['--mcl_target', TOLD, '--keep_target'], log='mcl-tk', label='MCL-TK'),
-    # ARGD with a newer defense's ingredient (not in the paper): FT-SI's synthesised trigger at true labels.
-    # PAM's path-aware gradient on ARGD and MCL was measured not to help and is not kept (results/README.md)
-    'argd-si': dict(script='main-ARGD.py', flags=['--source', 'inverted'], log='argd-si', label='ARGD-SI'),
-    'ft-at': dict(script='main_ft.py', flags=['--defense', 'ft-at'], log='ft-at', label='FT-AT'),  # blind
-    'ft-si': dict(script='main_ft.py', flags=['--defense', 'ft-at', '--source', 'inverted'], log='ft-si',
-                  label='FT-SI'),                                                                # blind
-    'pam': dict(script='main_ft.py', flags=['--defense', 'pam'], log='pam', label='PAM'),          # blind
-    'fst': dict(script='main_ft.py', flags=['--defense', 'fst'], log='fst', label='FST'),          # blind
-    'sau': dict(script='main_ft.py', flags=['--defense', 'sau'], log='sau', label='SAU'),          # blind
+    **{key: dict(script=d['script'], flags=([] if d['script'] == 'train_teacher.py' else ['--defense', key])
+                 + ([] if d['blind'] else ['--mcl_target', TOLD]),  # MCL is told the row's target
+                 log='teacher' if key == 'ft' else key, label=d['label']) for key, d in config.DEFENSES.items()},
     # not a defense: the never-poisoned control (the clean row's model) scored and re-tuned under this
     # row's trigger, the floor a real erasure reaches (ASR, ASR and RA after re-tuning)
     'floor': dict(script='evaluate.py', flags=[], log=None, label='clean control'),
 }
 # told neither the trigger nor the target (the MCL columns are told the target)
-BLIND = ('ft', 'nad', 'argd', 'argd-si', 'ft-at', 'ft-si', 'pam', 'fst', 'sau')
+BLIND = tuple(key for key, d in config.DEFENSES.items() if d['blind'])
 
 
-def run(script, *flags):
+def run(script, *flags, watch=None):
     """Run a project script, return (its JSON summary, wall seconds); a failure stops this worker. Each line
-    it prints goes to the `watch` function while it runs (run_table.py's bar shows the latest)."""
+    it prints goes to watch(line) while it runs (run_table.py's bar shows the latest)."""
     t0 = time.time()
     with tempfile.TemporaryFile('w+') as err:  # a file, not a pipe: a full stderr pipe would block the script
         p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, flags), '--json'],
@@ -68,17 +58,14 @@ def run(script, *flags):
         lines = []
         for line in p.stdout:
             lines.append(line.rstrip('\n'))
-            watch(f'{script}: {lines[-1]}')
+            if watch:
+                watch(f'{script}: {lines[-1]}')
         p.wait()
         err.seek(0)
         stderr = err.read()
     if p.returncode != 0:
         raise UserError(f'{script} {" ".join(map(str, flags))} failed: {stderr.strip().splitlines()[-1:]}')
     return json.loads(lines[-1]), round(time.time() - t0, 1)
-
-
-def watch(line):
-    """Where run() sends each line of a running script; run_table.py points it at its progress bar."""
 
 
 @contextlib.contextmanager
@@ -99,12 +86,12 @@ def locked(path, wait):
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def built_once(path, script, flags):
+def built_once(path, script, flags, watch=None):
     """Make the model `path` with `script` unless it exists, and keep the run's summary and wall time
     in <path>.json. Whoever needs it first builds it; the others wait for its lock, then find it."""
     with locked(path + '.lock', wait=True):
         if not os.path.exists(path):
-            metrics, seconds = run(script, *flags, '--output', path)
+            metrics, seconds = run(script, *flags, '--output', path, watch=watch)
             atomic_write_bytes(json.dumps(dict(metrics, seconds=seconds)).encode(), path + '.json')
 
 
@@ -176,7 +163,7 @@ def common_flags(args, seed):
     return flags
 
 
-def row_model(args, attack):
+def row_model(args, attack, watch=None):
     """(path, build) of a row's backdoored model: the zoo's, used as it is, or one trained here once
     with --model_seed in <checkpoint_root>/table/<hash of its settings>/ (build() makes it if absent)."""
     zoo = zoo_model(args, attack)
@@ -187,34 +174,35 @@ def row_model(args, attack):
              '--target_label', row_target(args, attack),
              *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
              *(['--epochs', args.epochs] if args.epochs is not None else [])]
-    return path, lambda: built_once(path, 'train_badnet.py', flags)
+    return path, lambda: built_once(path, 'train_badnet.py', flags, watch)
 
 
-def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tuple(DEFENSES)):
+def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tuple(COLUMNS), watch=None):
     """-> {defense: function returning (metrics, seconds)} for the cells `names` of one (attack, defense
     seed): on given_model, else the zoo's model, else one trained here with --model_seed (built when first
     needed, in <checkpoint_root>/table/<hash of its settings>/). Outputs go to `work`. The clean control's
     model is looked up only where the floor is asked for."""
     common = common_flags(args, seed)
+    go = lambda script, *flags: run(script, *flags, watch=watch)
     trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
-    path, model = (given_model, lambda: None) if given_model else row_model(args, attack)
+    path, model = (given_model, lambda: None) if given_model else row_model(args, attack, watch)
     s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
     teacher = os.path.join(work, f'{attack}-ft.tar')
 
     def model_and_teacher():
         model()
-        built_once(teacher, 'train_teacher.py', s_model)
+        built_once(teacher, 'train_teacher.py', s_model, watch)
 
     def ft_cell():  # the teacher's own training run; a teacher placed by hand is only scored
         model_and_teacher()
         if not os.path.exists(teacher + '.json'):
-            return run('evaluate.py', '--model', teacher, *common)
+            return go('evaluate.py', '--model', teacher, *common)
         with open(teacher + '.json') as f:
             rec = json.load(f)
         return {k: v for k, v in rec.items() if k != 'seconds'}, rec['seconds']
 
     def defended(name):
-        d = DEFENSES[name]
+        d = COLUMNS[name]
         told = [row_target(args, attack) if f is TOLD else f for f in d['flags']]  # MCL is told the row's target
         flags = [*s_model, *told, '--output', os.path.join(work, f'{attack}-{name}.tar')]
         flags += ['--t_model', teacher] if d['script'] == 'main-ARGD.py' else []
@@ -222,20 +210,20 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
 
         def cell():
             build()
-            return run(d['script'], *flags)
+            return go(d['script'], *flags)
         return cell
 
     def undefended():
         model()
-        return run('evaluate.py', '--model', path, *common)
+        return go('evaluate.py', '--model', path, *common)
 
-    clean_path, clean_model = row_model(args, 'clean') if 'floor' in names else (None, None)
+    clean_path, clean_model = row_model(args, 'clean', watch) if 'floor' in names else (None, None)
     under_row = ['--attack_from', path]  # the clean control, scored and re-tuned under this row's attack
 
     def floor():
         model()
         clean_model()
-        return run('evaluate.py', '--model', clean_path, *common, *under_row)
+        return go('evaluate.py', '--model', clean_path, *common, *under_row)
 
     def retuned(cell, model_path, attack_flags=()):
         """The cell, then the retuning attack on the model it ended with (unless skipped), and for a defended
@@ -244,11 +232,11 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
             metrics, seconds = cell()
             if getattr(args, 'skip_retune', True):
                 return metrics, seconds
-            r, more = run('retune.py', '--model', model_path, *common, '--ratio', args.ratio, '--log_root', log_root,
+            r, more = go('retune.py', '--model', model_path, *common, '--ratio', args.ratio, '--log_root', log_root,
                           *attack_flags)
             metrics = dict(metrics, ASR_retuned=r['ASR'], ACC_retuned=r['ACC'], RA_retuned=r['RA'])
             if model_path not in (path, clean_path):
-                p, t = run('interpolate.py', '--model', model_path, '--from', path, *common)
+                p, t = go('interpolate.py', '--model', model_path, '--from', path, *common)
                 metrics['path_ASR'], more = [point['ASR'] for point in p['path']], more + t
             return metrics, seconds + more
         return with_retune

@@ -1,41 +1,46 @@
-"""Fine-tuning on the defender's clean subset: the teacher of NAD and ARGD, and the FT baseline.
+"""FT: fine-tune the backdoored model on the defender's clean subset. NAD's and ARGD's teacher, and the
+baseline every defense must beat (train_teacher.py).
 
-As the NAD README describes its teacher (NAD's main.py with every beta 0): all layers,
-cross-entropy only, crop + flip + Cutout, SGD Nesterov (momentum 0.9, weight decay 1e-4),
---teacher_lr for epochs 0-1 and a tenth of it after (config.DEFENSE_SCHEDULES['finetune']).
+As the NAD README describes its teacher (NAD's main.py with every beta 0): all layers, cross-entropy
+only, crop + flip + Cutout, SGD Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after
+(config.DEFENSES['ft']).
 """
 import os
 
 import torch.nn.functional as F
 
-from config import DEFENSE_SCHEDULES
-from cli import UserError
+from config import DEFENSES
 from data_loader import train_batches
+from defenses import defense_meta
+from errors import UserError
 from files import content_hash
-from utils import defense_meta, fit, step_lr
+from training import Steps, fit
+from utils import schedule
+
+
+def distillation_batches(args, run, normalizer=None):
+    """FT's, NAD's and ARGD's data (their get_train_loader): crop + flip + Cutout, and no ragged last batch.
+    normalizer: the model's (default) or another (raw [0,1] where images are changed before normalising)."""
+    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
+                                       epoch, drop_last=True, cutout=args.cutout, crop_flip=run.data.crop_flip)
+
+
+def build(args, run, model):
+    """Cross-entropy on the clean subset's batches."""
+    return Steps(batches=distillation_batches(args, run), loss=lambda x, y: F.cross_entropy(model(x), y))
 
 
 def teacher_path(args, s_name):
     return args.t_model or os.path.join(args.checkpoint_root, 't_net', f'{s_name}.tar')
 
 
-def distillation_batches(args, run, normalizer=None):
-    """The distillation defenses' data (NAD/ARGD get_train_loader): crop + flip + Cutout, and no
-    ragged last batch, which at lr 0.1 would be one large step on a handful of images. normalizer:
-    the model's (default) or another (raw [0,1] where images are changed before normalising)."""
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
-                                       epoch, drop_last=True, cutout=args.cutout, crop_flip=run.data.crop_flip)
-
-
 def finetune(args, run, model, out, csv_path, tag='teacher'):
     """Fine-tune `model` in place on the clean subset run.x/run.y, save it to `out`; returns its metrics."""
-    schedule = DEFENSE_SCHEDULES['finetune']
-    lr_at = lambda epoch: step_lr(args.teacher_lr, epoch, schedule['milestones'], schedule['factors'])
-    loss_fn = lambda x, y: F.cross_entropy(model(x), y)
+    recipe = DEFENSES['ft']
     meta = dict(defense_meta(run.meta, args, 'finetune'), student=content_hash(run.s_path))  # see check_student
-    return fit(args, model, loss_fn, distillation_batches(args, run), lr_at, run.data.test, run.data.normalizer,
-               out_path=out, csv_path=csv_path, meta=meta,
-               epochs=args.teacher_epochs, nesterov=True, evaluate_first=True, tag=tag)
+    return fit(args, model, build(args, run, model), schedule(recipe, args.teacher_lr, args.teacher_epochs),
+               run.data.test, run.data.normalizer, out_path=out, csv_path=csv_path, meta=meta,
+               epochs=args.teacher_epochs, nesterov=recipe['nesterov'], evaluate_first=True, tag=tag)
 
 
 def check_student(t_meta, t_path, run):

@@ -1,16 +1,14 @@
-"""MCL (Yue et al., ACM MM 2023): reverse-engineer the trigger, then pull the features of
-triggered inputs towards the frozen model's features of clean ones (model-contrastive loss).
-
-Also: Neural-Cleanse-style target-label detection from per-class inverted patterns, and a
-picture of the inverted trigger.
+"""Trigger inversion (MCL's PixelBackdoor-style reverse engineering): per class, the small additive pattern
+that sends clean images to it; Neural Cleanse's target detection over the patterns' sizes; the synthesised
+trigger a blind defender stamps (FT-SI, PAM-SI, ARGD-SI); and a picture of a pattern.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import INVERSION_IMAGES, MAIN_MCL
-from utils import autocast
+from config import INVERSION, INVERSION_BATCH, INVERSION_IMAGES
+from device import autocast
 
 EPS = 1e-7
 COST_PATIENCE = 10           # passes above/below the success bound before the cost moves
@@ -78,7 +76,8 @@ def invert_triggers(model, x, targets, normalizer, passes=100, batch_size=64, pa
     neg = torch.stack([torch.rand(shape, generator=g) for g in inits]).to(device).requires_grad_(True)
     order_g = torch.Generator().manual_seed(seed * 7919 - 1)  # the batch order: shared by all classes
     opt = torch.optim.Adam([pos, neg], lr=lr, betas=(0.5, 0.9))
-    was_training, requires = model.training, [p.requires_grad for p in model.parameters()]
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
     model.eval().requires_grad_(False)
     batch_size = min(batch_size, len(x))
     labels = torch.tensor(targets, device=device).repeat_interleave(batch_size)
@@ -183,12 +182,12 @@ def find_target(model, x, normalizer, num_classes, passes, batch_size, patience,
 
 def synthesised_trigger(run, seed, amp):
     """A blind defender's stand-in for the trigger: MCL's target detection on the defender's clean subset
-    (every class, config.MAIN_MCL's budget) and the pattern of the class it flags, or of the smallest
+    (every class, config.INVERSION's budget) and the pattern of the class it flags, or of the smallest
     pattern's class when none stands out (the defender cannot tell; a small pattern stamped at true
-    labels costs little). run: utils.defense_setup's. Returns (pattern, what it is: a dict for the meta)."""
-    m = MAIN_MCL
+    labels costs little). run: defenses.defense_setup's. Returns (pattern, what it is: a dict for the meta)."""
+    m = INVERSION
     label, index, _, smallest, patterns = find_target(run.model, run.x, run.data.normalizer, run.data.num_classes,
-                                                      m['detect_epochs'], m['batch_size'], m['inv_patience'],
+                                                      m['detect_epochs'], INVERSION_BATCH, m['inv_patience'],
                                                       m['asr_bound'], m['init_cost'], seed, amp)
     chosen = smallest if label is None else label
     pattern, info = patterns[chosen]
@@ -197,43 +196,6 @@ def synthesised_trigger(run, seed, amp):
           f"L1 {info['l1']:.2f})", flush=True)
     return pattern, dict(synthesised_class=chosen, detected=label is not None, anomaly_index=round(index, 2),
                          pixels=info['pixels'])
-
-
-def frozen_features(model, x, pattern, to_float, normalize, batch_size=1000, amp=False):
-    """Pooled features of the model as it is now, for the uint8 images x and for x + pattern.
-    MCL's frozen model sees the same inputs at every epoch (eval mode, no augmentation, a fixed
-    pattern), so one pass before erasing replaces a frozen forward of both copies at every step."""
-    was_training = model.training
-    model.eval()
-    clean, triggered = [], []
-    with torch.no_grad(), autocast(x.device, amp):
-        for i in range(0, len(x), batch_size):
-            x01 = to_float(x[i:i + batch_size])
-            clean.append(model(normalize(x01), features=True)[2].float())
-            triggered.append(model(normalize(add_pattern(x01, pattern)), features=True)[2].float())
-    model.train(was_training)
-    return torch.cat(clean), torch.cat(triggered)
-
-
-def contrastive_loss(anchor, positive, negative, temperature=0.5):
-    """Cross-entropy with the positive as class 0 over cosine similarities / temperature (fp32)."""
-    anchor = anchor.float()
-    logits = torch.stack([F.cosine_similarity(anchor, positive, dim=-1),
-                          F.cosine_similarity(anchor, negative, dim=-1)], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long, device=anchor.device))
-
-
-def keep_target_loss(model, x01, y, pattern, normalize, positive, negative, pushed, temperature=0.5):
-    """MCL-TK: the contrastive loss only on the images in `pushed` (those the original model does not
-    assign to the target: for a target-class image, the frozen features of x + pattern are its own
-    class's, and pushing away from them pushes the class away), plus cross-entropy on the clean images
-    of the batch at their true labels. One forward of both halves (BatchNorm sees the mixture)."""
-    n = len(y)
-    logits, _, feats = model(normalize(torch.cat([add_pattern(x01, pattern), x01])), features=True)
-    ce = F.cross_entropy(logits[n:], y)
-    if not bool(pushed.any()):
-        return ce
-    return contrastive_loss(feats[:n][pushed], positive[pushed], negative[pushed], temperature) + ce
 
 
 def trigger_picture(pattern, clean_image, real_triggered=None, scale=4):
