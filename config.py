@@ -177,6 +177,16 @@ DEFENSES = {
                 epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
                 schedule='cosine', augment=True, drop_last=True, cutout=0,
                 alpha=0.1),            # weight of <W, W_orig> (its README command for CIFAR-10)
+    # SAU (Wei et al., NeurIPS 2023) in BackdoorBench: Adam, cosine, batch 256, no augmentation, BN frozen;
+    # 100 rounds there, 12 here (5 minutes on a 2-core CPU); BackdoorBench keeps the ragged last batch
+    'sau': dict(label='SAU', blind=True, script='main_ft.py', module='sau',
+                epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='adam',
+                schedule='cosine', augment=False, drop_last=False, cutout=0,
+                adv_eps=0.2,           # L_inf bound of the shared PGD (trigger_norm), [0,1]-pixel units
+                adv_steps=5,           # its steps, each of adv_eps from the corner
+                sau_beta_adv=0.01,     # weight of the adversarial term in the maximisation (beta_1)
+                sau_beta_shared=1.0,   # weight of the shared (JS) term (beta_2)
+                sau_lmd_shared=1.0),   # weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
 }
 DEFAULT_DEFENSE = {'train_teacher.py': 'ft', 'main-ARGD.py': 'argd', 'main_mcl.py': 'mcl',  # each script's without --defense
                    'main_ft.py': 'pam'}

@@ -1,4 +1,4 @@
-"""Erase a backdoor by fine-tuning past superficial safety: PAM (default), FST, or the blind
+"""Erase a backdoor by fine-tuning past superficial safety: PAM (default), FST, SAU, or the blind
 baselines FT-AT and FT-SI. Each sees only the defender's clean subset (--ratio); none is told the
 trigger or the target.
 
@@ -14,6 +14,8 @@ trigger or the target.
   al., NeurIPS 2024); SGD lr 0.01, momentum 0.1, 30 epochs, batch 128.
 - fst: re-initialised head, cross-entropy + --alpha <W, W_orig>, the head's norm kept (Min et al.,
   NeurIPS 2023); SGD lr 0.01, momentum 0.9, cosine over 10 epochs, batch 128.
+- sau: shared adversarial unlearning (Wei et al., NeurIPS 2023); Adam lr 1e-4, cosine, batch 256, BN
+  frozen, 12 epochs (the reference's 100 do not fit 5 minutes here).
 Recipes: config.DEFENSES (`--defense KEY --help` shows the values it runs with); a flag overrides one.
 The final model goes to <checkpoint_root>/<tag>_net/<s_name>.tar (never picked by test metrics), the
 per-epoch CSV to <log_root>/<tag>_<s_name>.csv; tag = the defense, ft-si or pam-si.

@@ -1,5 +1,5 @@
-"""The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, PGD's bounds,
-MCL-TK's loss) and each defense end to end on the planted backdoor."""
+"""The fine-tuning defenses' pieces on hand-checked inputs (PAM's step, FST's penalty and norm, SAU's
+masks and losses, PGD's bounds, MCL-TK's loss) and each defense end to end on the planted backdoor."""
 import copy
 import json
 
@@ -13,6 +13,7 @@ from adversarial import pgd_untargeted, with_adversarial_share, with_pattern_sha
 from defenses.fst import fst_penalty, keep_norm, reinit_head
 from defenses.mcl import contrastive_loss, keep_target_loss
 from defenses.pam import path_aware_point
+from defenses.sau import js_divergence, shared_mask, shared_unlearning_loss
 from training import train_epoch
 
 
@@ -84,6 +85,42 @@ def test_fst_penalty_gradient_turns_the_head_away_from_the_original():
     assert torch.allclose(w.grad, 0.2 * w_orig)  # descending it lowers <W, W_orig>
 
 
+def test_sau_shared_mask_on_hand_made_predictions():
+    pred = torch.tensor([1, 2, 0, 3, 1])
+    pred_ref = torch.tensor([1, 2, 1, 3, 0])
+    clean = torch.tensor([0, 2, 0, 0, 0])
+    clean_ref = torch.tensor([0, 0, 0, 0, 1])
+    # 0: both moved to 1 (shared); 1: current model not moved; 2: current not moved;
+    # 3: both moved to 3 (shared); 4: both moved, to different labels
+    assert shared_mask(pred, pred_ref, clean, clean_ref).tolist() == [True, False, False, True, False]
+
+
+def test_sau_unlearning_loss_value_and_mask():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.9995, 0.0004, 0.0001]]))
+    y = torch.tensor([0, 1, 2, 1])
+    pred_ref_adv = torch.tensor([1, 1, 0, 2])  # image 1: the reference was not fooled (its true label)
+    clean_ref = torch.tensor([0, 1, 0, 1])     # image 2: fooled into 0, but 0 was its clean prediction: not moved
+    loss = shared_unlearning_loss(logits, pred_ref_adv, y, clean_ref)  # image 3: p_k = 0.0001 < 0.001, dropped
+    assert loss.item() == pytest.approx(-torch.log(torch.tensor(0.8)).item() / 4, rel=1e-4)  # only image 0: 1 - 0.2
+    assert shared_unlearning_loss(logits, y, y, clean_ref).item() == 0.0
+
+
+def test_sau_unlearning_loss_keeps_its_gradient_on_a_saturated_model():
+    logits = torch.tensor([[30.0, 0.0, 0.0]], requires_grad=True)  # p_0 = 1 - 2e-13: 1.0 in float
+    loss = shared_unlearning_loss(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(30 - float(torch.log(torch.tensor(2.0))), rel=1e-4)
+    assert logits.grad[0, 0] > 0.9  # descending it lowers the adversarial label's logit
+
+
+def test_js_divergence_is_zero_for_equal_and_symmetric_and_bounded():
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    assert torch.allclose(js_divergence(a, a), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(js_divergence(a, b), js_divergence(b, a), atol=1e-6)
+    far = js_divergence(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
+    assert float(far) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-3)
+
+
 def test_pgd_stays_in_the_ball_and_the_image_range_and_raises_the_loss():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).train()
@@ -143,6 +180,7 @@ END_TO_END = {
     'pam': ['--epochs', 8, '--batch_size', 32, '--lr', 0.05],
     'ft-si': ['--epochs', 6, '--batch_size', 32],
     'fst': ['--epochs', 6, '--batch_size', 32],
+    'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
 }
 
 

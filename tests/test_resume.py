@@ -115,7 +115,7 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('defense', ['pam', 'fst'])
+@pytest.mark.parametrize('defense', ['pam', 'fst', 'sau'])
 def test_a_killed_fine_tuning_defense_resumes_bit_identical(defense, backdoored, image_folder, tmp_path):
     """PAM's PGD starts and path-aware point, FST's re-initialised head and SAU's Adam state all resume."""
     def flags(out):
