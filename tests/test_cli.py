@@ -128,7 +128,7 @@ def matrix():
             inputs['adv-share'] = (lambda d, img: ['--adv_share', 1.5, *folder(img)], '--adv_share must be in [0, 1]')
             inputs['negative-rho'] = (lambda d, img: ['--rho', -1, *folder(img)], '--rho must be a finite number >= 0')
             inputs['no-pgd-steps'] = (lambda d, img: ['--adv_steps', 0, *folder(img)], '--adv_steps must be >= 1')
-            inputs['unknown-source'] = (lambda d, img: ['--source', 'oracle', *folder(img)], "invalid choice: 'oracle'")
+            inputs['unknown-source'] = (lambda d, img: ['--source', 'oracle', *folder(img)], "unknown source 'oracle'")
         if script == 'main_mcl.py':
             inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
             inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')
