@@ -8,13 +8,16 @@ per-sample torchvision + DataLoader input path the published code uses.
 
 Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
 DataLoader pipeline, and, in fp32 and bf16 autocast side by side, WRN-16-1 train steps, MCL
-inversion steps (the pattern's gradient only, parameters frozen) and evaluation.
+inversion steps (the pattern's gradient only, parameters frozen) and evaluation; on a GPU also
+the mean SM utilisation of each (NVML, where nvidia-ml-py is installed).
 Data are random uint8 images: throughput does not depend on content. With --end_to_end it
 then runs each defense's script as a user would (shipped BadNets model, 5% clean data, the
 same commands as run_table.py's cells, outputs in a temporary folder) and prints its wall time and final summary.
 """
+import contextlib
 import os
 import tempfile
+import threading
 import time
 
 import torch
@@ -29,16 +32,48 @@ from models import select_model
 from table import COLUMNS, cell_commands
 
 
+SM = {'last': None}  # the mean SM utilisation (%) of the last timed section on a GPU, where NVML answers
+
+
 def timed(fn, device, repeat=1):
     fn()  # warm-up (allocator, kernels, compile)
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeat
+    with sm_sampled(device):
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeat
+
+
+@contextlib.contextmanager
+def sm_sampled(device, every=0.05):
+    """Poll the GPU's SM utilisation (NVML, through torch.cuda.utilization) while the block runs; its mean
+    goes to SM['last'] (None on the CPU, or where NVML is missing: pip install nvidia-ml-py)."""
+    SM['last'], samples, stop = None, [], threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            try:
+                samples.append(torch.cuda.utilization(device))
+            except Exception:  # no NVML: nothing to report
+                return
+    thread = threading.Thread(target=poll, daemon=True) if device.type == 'cuda' else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        if thread:
+            stop.set()
+            thread.join()
+            SM['last'] = sum(samples) / len(samples) if samples else None
+
+
+def sm_note():
+    return f"   SM {SM['last']:.0f}%" if SM['last'] is not None else ''
 
 
 def pipeline_rate(x, y, normalizer, device, batch_size):
@@ -136,7 +171,7 @@ def main():
     print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}')
 
     pipe = pipeline_rate(xd, yd, normalizer, device, args.batch_size)
-    print(f'batch pipeline (crop+flip+normalise on device): {pipe:12,.0f} images/s')
+    print(f'batch pipeline (crop+flip+normalise on device): {pipe:12,.0f} images/s{sm_note()}')
     ref = reference_rate(x, y)
     print(f'reference DataLoader + PIL transforms:         {ref:12,.0f} images/s   (ours x{pipe / ref:.1f})')
 
@@ -149,11 +184,11 @@ def main():
             rate = train_rate(torch.compile(model) if compile_it else model, xd, yd, normalizer, device,
                               args.batch_size, amp, steps)
             print(f"train step WRN-16-1 {name}{' compiled' if compile_it else ''}: {rate:12,.0f} images/s   "
-                  f'(pipeline = {100 * rate / pipe:.1f}% of a step)', flush=True)
+                  f'(pipeline = {100 * rate / pipe:.1f}% of a step){sm_note()}', flush=True)
         inv = inversion_rate(model, xd, normalizer, device, args.batch_size, amp, steps)
-        print(f'MCL inversion step {name}:        {inv:12,.0f} images/s', flush=True)
+        print(f'MCL inversion step {name}:        {inv:12,.0f} images/s{sm_note()}', flush=True)
         ev = eval_rate(model, xd[:10000], normalizer, device, args.eval_batch_size, amp)
-        print(f'evaluation {name} (batch {args.eval_batch_size}):    {ev:12,.0f} images/s', flush=True)
+        print(f'evaluation {name} (batch {args.eval_batch_size}):    {ev:12,.0f} images/s{sm_note()}', flush=True)
     if args.end_to_end:
         for name, seconds, m in defense_wall_times(args):
             print(f"{name + ' end to end:':32s} {seconds:8.1f} s   ACC {m['ACC']:.2f} ASR {m['ASR']:.2f} RA {m['RA']:.2f}",

@@ -22,9 +22,10 @@ def _run(a):
     a('--seed', type=int, help='fixes data subsets, poisoned indices, augmentation and initialisation')
     a('--device', help="'cuda', 'cpu', ... (default: cuda when available, else cpu)")
     a('--threads', type=int, help='CPU threads for torch (default: torch chooses)')
-    a('--precision', choices=('auto', 'fp32', 'bf16', 'fp16'), help='auto = what the device computes natively: bf16 '
-      'autocast on GPUs of compute capability >= 8.0 and on CPUs with AMX or AVX512-BF16, fp16 autocast with loss '
-      'scaling on older GPUs with tensor cores (V100, T4), else fp32 (default: auto)')
+    a('--precision', choices=('auto', 'fp32', 'bf16', 'fp16'), help='auto = what ran fastest: bf16 autocast on CPUs '
+      'with AMX or AVX512-BF16, fp32 on TF32 tensor cores on GPUs of compute capability >= 8.0 (bf16 autocast was '
+      'slower there), fp16 autocast with loss scaling on older GPUs with tensor cores (V100, T4), else fp32 '
+      '(default: auto)')
     a('--deterministic', action='store_true', help="CUDA: cuDNN's deterministic kernels and torch's deterministic "
       'algorithms, so a run repeats bit for bit on one GPU (slower; the CPU is deterministic without it)')
     a('--eval_batch_size', type=int, help='evaluation batch size (default: 256 on CPU, 1000 on CUDA)')
@@ -74,8 +75,8 @@ def _train(a):
 def _badnet(a):
     a('--recipe', choices=tuple(config.BADNET_RECIPES), help='reference training recipe (config.BADNET_RECIPES)')
     a('--no_augment', action='store_true', help='no random crop/flip even if the recipe has them')
-    a('--compile', choices=('auto', 'on', 'off'), help='torch.compile the model; auto: where the toolchain it needs '
-      'is found (a C++ compiler on the CPU, triton on CUDA)')
+    a('--compile', choices=('auto', 'on', 'off'), help='torch.compile the model; auto: on the CPU where a C++ '
+      'compiler is found, never on CUDA (measured slower there; on: where triton is found)')
 
 
 def _defense(a):

@@ -174,16 +174,20 @@ def parse_shard(text):
 
 
 def start_workers(args, n):
-    """n copies of this command with --workers 1, each on its own GPU when there are several."""
+    """n copies of this command with --workers 1, each on its own GPU when there are several (several on one
+    GPU share it), each with an equal share of the CPU cores unless --threads says otherwise: n processes
+    of torch's default (every core) would run n times more threads than cores."""
     gpus = torch.cuda.device_count() if args.device is None or args.device == 'cuda' else 0
     argv = [a for a in sys.argv[1:]]
     if '--workers' in argv:
         i = argv.index('--workers')
         del argv[i:i + 2]
+    threads = [] if args.threads else ['--threads', max(1, (os.cpu_count() or 1) // n)]
     procs = []
     for i in range(n):
         device = ['--device', f'cuda:{i % gpus}'] if gpus > 1 else []
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, *device, '--workers', '1']))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, *map(str, threads), *device,
+                                       '--workers', '1']))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise UserError(f'{sum(c != 0 for c in codes)} of {n} workers failed (exit codes {codes}); rerun to finish')

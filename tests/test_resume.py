@@ -93,9 +93,10 @@ def test_a_resume_with_another_trigger_is_refused_and_writes_nothing(image_folde
 
 @pytest.mark.slow
 def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_path):
-    """The autocast code CUDA uses, run on the CPU whatever the CPU (--precision bf16 forces it)."""
+    """The autocast code CUDA uses, run on the CPU whatever the CPU (--precision bf16 forces it; --device cpu:
+    the thresholds are the CPU's, a GPU draws other random numbers)."""
     out = str(tmp_path / 'bf16.tar')
-    r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=3), '--precision', 'bf16')
+    r = run_script('train_badnet.py', *badnet_args(image_folder, out, epochs=3), '--precision', 'bf16', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     assert 'precision bf16 autocast' in r.stdout.splitlines()[0]
     ckpt = torch.load(out, weights_only=True)
@@ -103,7 +104,7 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
     assert ckpt['metrics']['ACC'] >= 60, ckpt['metrics']  # it learned: 4 colour classes, chance is 25
     r = run_script('main-ARGD.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model', out,
                    '--ratio', 0.5, '--epochs', 1, '--teacher_epochs', 1, '--checkpoint_root', tmp_path / 'w',
-                   '--log_root', tmp_path, '--batch_size', 32, '--precision', 'bf16')
+                   '--log_root', tmp_path, '--batch_size', 32, '--precision', 'bf16', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     assert 'precision bf16 autocast' in r.stdout.splitlines()[0]
     erased = torch.load(tmp_path / 'w' / 'erasing_net' / 'bf16.tar', weights_only=True)

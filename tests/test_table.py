@@ -239,3 +239,28 @@ def test_a_rerun_with_another_ratio_makes_new_cells_and_leaves_the_old_ones(back
     assert ratios == [0.25, 0.5]
     table = (tmp_path / 'results' / 'table.md').read_text()
     assert table.count('**badnet** [') == 2 and '"ratio": 0.25' in table and '"ratio": 0.5' in table
+
+
+def test_workers_share_the_cores_unless_threads_is_given(monkeypatch, tmp_path):
+    """--workers N: N processes with cores // N threads each (N of torch's default would oversubscribe)."""
+    import subprocess as sp
+
+    import run_table
+    from cli import parse_args
+    started = []
+
+    class Done:
+        def __init__(self, cmd):
+            started.append([str(c) for c in cmd])
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(sp, 'Popen', Done)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+    monkeypatch.setattr(sys, 'argv', ['run_table.py', '--workers', '8', '--table_dir', str(tmp_path)])
+    run_table.start_workers(parse_args('run_table.py', sys.argv[1:]), 8)
+    assert len(started) == 8 and all(c[c.index('--threads') + 1] == '2' and c[-2:] == ['--workers', '1'] for c in started)
+    started.clear()
+    monkeypatch.setattr(sys, 'argv', ['run_table.py', '--workers', '2', '--threads', '1'])
+    run_table.start_workers(parse_args('run_table.py', sys.argv[1:]), 2)
+    assert all(c.count('--threads') == 1 and c[c.index('--threads') + 1] == '1' for c in started)
