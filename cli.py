@@ -252,12 +252,11 @@ def script_defaults(script, defense=None):
 def get_arguments(script, description=None, defense=None):
     defaults, defense, own = script_defaults(script, defense)
     p = _Parser(prog=script, description=description, formatter_class=_Help, allow_abbrev=False)
-
     p.minimums = {}  # option -> its least value (checked by check_args)
 
     def add(flag, minimum=None, **kw):  # every option's default is config.py's, read when the parser is built
         name = kw.get('dest', flag[2:])
-        if name in p.minimums or any(flag in a.option_strings for a in p._actions):
+        if flag in p._option_string_actions:
             return  # declared by another of the script's defenses too
         if minimum is not None:
             p.minimums[name] = minimum

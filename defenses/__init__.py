@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import config
 from checkpoints import load_model, plain_args
-from data_loader import RunData
+from data_loader import RunData, train_batches
 from device import setup
 from metrics import accuracy, summary_line
 
@@ -20,6 +20,17 @@ from metrics import accuracy, summary_line
 def module(key):
     """The module in defenses/ that implements the registered defense `key`."""
     return importlib.import_module(f"defenses.{config.DEFENSES[key]['module']}")
+
+
+def clean_batches(args, run, recipe, normalizer=None):
+    """One epoch's batches of the defender's clean subset as a recipe (a config.DEFENSES entry) has them:
+    its augmentation (crop + flip where the data set has them, Cutout), no ragged last batch where it says
+    so. normalizer: the model's (default), or another (raw [0,1] where images change before normalising).
+    Cutout is --cutout where the script has it (FT, NAD, ARGD), else the recipe's."""
+    cutout = getattr(args, 'cutout', recipe['cutout'])
+    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
+                                       epoch, augment_data=recipe['augment'], drop_last=recipe['drop_last'],
+                                       cutout=cutout, crop_flip=run.data.crop_flip)
 
 
 def defense_setup(args):

@@ -10,24 +10,16 @@ import os
 import torch.nn.functional as F
 
 from config import DEFENSES
-from data_loader import train_batches
-from defenses import defense_meta
+from defenses import clean_batches, defense_meta
 from errors import UserError
 from files import content_hash
 from training import Steps, fit
 from utils import schedule
 
 
-def distillation_batches(args, run, normalizer=None):
-    """FT's, NAD's and ARGD's data (their get_train_loader): crop + flip + Cutout, and no ragged last batch.
-    normalizer: the model's (default) or another (raw [0,1] where images are changed before normalising)."""
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
-                                       epoch, drop_last=True, cutout=args.cutout, crop_flip=run.data.crop_flip)
-
-
 def build(args, run, model):
-    """Cross-entropy on the clean subset's batches."""
-    return Steps(batches=distillation_batches(args, run), loss=lambda x, y: F.cross_entropy(model(x), y))
+    """Cross-entropy on the clean subset's batches (NAD's get_train_loader: crop + flip + Cutout)."""
+    return Steps(batches=clean_batches(args, run, DEFENSES['ft']), loss=lambda x, y: F.cross_entropy(model(x), y))
 
 
 def teacher_path(args, s_name):

@@ -10,28 +10,31 @@ import torch.nn.functional as F
 
 from adversarial import pgd_untargeted, with_adversarial_share, with_pattern_share
 from config import DEFENSES
-from data_loader import Normalizer, seeded, train_batches
+from data_loader import Normalizer, seeded
+from defenses import clean_batches
 from device import autocast
 from inversion import synthesised_trigger
 from metrics import predict
 from training import Steps
 
 
+def pgd_options(add):
+    """The PGD bound and steps (SAU's shared PGD reads them too)."""
+    add('--adv_eps', type=float, minimum=0, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
+    add('--adv_steps', type=int, minimum=1, help='PGD steps')
+
+
 def options(add):
     """Its command-line options (their defaults: its config.DEFENSES entry)."""
     add('--adv_against', choices=('original', 'current'), help="FT-AT/PAM: PGD against the model as given, or as "
         'it is being tuned')
-    add('--adv_eps', type=float, minimum=0, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
+    pgd_options(add)
     add('--adv_step', type=float, minimum=0, help='FT-AT/PAM: PGD step size')
-    add('--adv_steps', type=int, minimum=1, help='PGD steps')
 
 
 def raw_batches(args, run):
     """The recipe's batches of the clean subset in [0,1] (perturbations are added before normalising)."""
-    recipe, raw = DEFENSES[args.defense], Normalizer('none', run.device)
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, raw, args.seed, epoch,
-                                       augment_data=recipe['augment'], cutout=recipe['cutout'],
-                                       drop_last=recipe['drop_last'], crop_flip=run.data.crop_flip)
+    return clean_batches(args, run, DEFENSES[args.defense], Normalizer('none', run.device))
 
 
 def build(args, run):

@@ -10,27 +10,30 @@ import torch.nn.functional as F
 
 from adversarial import with_pattern_share
 from at import nad_loss
+from config import DEFENSES
 from data_loader import Normalizer
-from defenses.ft import distillation_batches
+from defenses import clean_batches
 from inversion import synthesised_trigger
 from training import Steps
 
 
 def distill(args, run, student, teacher, criterion, extra_modules=None):
     """The distillation defenses' steps: cross-entropy + criterion(student features, teacher features) on
-    FT's batches (or with a synthesised trigger on a share of each: Steps.meta says which class's)."""
+    the clean subset's batches (a synthesised trigger on a share of each with --source inverted: Steps.meta
+    says which class's)."""
     def loss(x, y):
         logits, feats_s, _ = student(x, features=True)
         with torch.no_grad():
             _, feats_t, _ = teacher(x, features=True)
         return F.cross_entropy(logits, y) + criterion(feats_s, feats_t)
 
-    batches, synthesised = distillation_batches(args, run), {}
+    recipe = DEFENSES[args.defense]
+    batches, synthesised = clean_batches(args, run, recipe), {}
     if args.source == 'inverted':
         (pattern, synthesised), raw = synthesised_trigger(run, args.seed, args.amp), Normalizer('none', run.device)
         normalize = run.data.normalizer.normalize_float
         batches = lambda epoch: ((normalize(with_pattern_share(x01, pattern, args.adv_share)), y)
-                                 for x01, y in distillation_batches(args, run, raw)(epoch))
+                                 for x01, y in clean_batches(args, run, recipe, raw)(epoch))
     return Steps(batches=batches, loss=loss, extra_modules=extra_modules or {}, meta=synthesised)
 
 

@@ -9,13 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from defenses.ft_at import raw_batches
+from defenses.ft_at import pgd_options, raw_batches
 from training import Steps
 
 
 def options(add):
-    add('--adv_eps', type=float, minimum=0, help='L_inf bound of the PGD perturbations, in [0,1]-pixel units')
-    add('--adv_steps', type=int, minimum=1, help='PGD steps')
+    pgd_options(add)
     add('--sau_beta_adv', type=float, minimum=0, help='SAU: weight of the adversarial term of the shared PGD')
     add('--sau_beta_shared', type=float, minimum=0, help='SAU: weight of the agreement (JS) term of the shared PGD')
     add('--sau_lmd_shared', type=float, minimum=0, help='SAU: weight of the shared unlearning loss beside clean '

@@ -230,11 +230,12 @@ SAME_DEFENSE = [
 @pytest.mark.slow
 @pytest.mark.parametrize('script, key, flags, out', SAME_DEFENSE, ids=[k[1] for _, k, _, _ in SAME_DEFENSE])
 def test_a_registry_key_runs_exactly_what_its_old_flags_ran(script, key, flags, out, backdoored, image_folder, tmp_path):
-    """The table's cells now name a defense by its key: every tensor it writes equals the old command's."""
+    """The table's cells now name a defense by its key: every tensor it writes equals the old command's (on the
+    CPU, whose runs repeat bit for bit)."""
     models = []
     for i, chosen in enumerate((key, flags)):
         run_flags = [*common(backdoored, image_folder, tmp_path / str(i)), '--epochs', 1, '--batch_size', 32,
-                     '--precision', 'fp32', '--t_model', tmp_path / 'teacher.tar', *chosen]
+                     '--precision', 'fp32', '--device', 'cpu', '--t_model', tmp_path / 'teacher.tar', *chosen]
         if script != 'main-ARGD.py':
             run_flags = run_flags[:run_flags.index('--t_model')] + run_flags[run_flags.index('--t_model') + 2:]
         r = run_script(script, *run_flags)
