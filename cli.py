@@ -264,7 +264,7 @@ def get_arguments(script, description=None, defense=None):
             kw['choices'] = defenses_of(script)
         elif name in own:  # another defense's option: the chosen one runs without it
             kw['help'] += f' (not used by {defense})'
-        elif defense and name in config.DEFENSES[defense]:
+        elif defense and config.DEFENSES[defense].get(name) is not None:  # None: the help says what it means
             kw['help'] += f' (default for {defense}: %(default)s)'
         p.add_argument(flag, default=None if name in own else defaults[name], **kw)
     for group in SCRIPTS[script][0]:
@@ -346,6 +346,8 @@ def check_args(args, script=None, minimums=None):
             raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if has('mcl_target') and args.mcl_target != 'auto' and not args.mcl_target.isdigit():
         raise UserError(f"--mcl_target must be 'auto' or a class index >= 0, got '{args.mcl_target}'")
+    if has('mcr_t') and args.mcr_t != 'auto' and not _unit_number(args.mcr_t):
+        raise UserError(f"--mcr_t must be 'auto' or a number in [0, 1], got '{args.mcr_t}'")
     if has('vert_weights'):
         try:
             args.vert_weights = [float(v) for v in str(args.vert_weights).split(',')]
@@ -354,6 +356,13 @@ def check_args(args, script=None, minimums=None):
             raise UserError(f"--vert_weights needs three comma-separated numbers, got '{args.vert_weights}'")
     if has('normalize'):
         parse_normalize(args.normalize)
+
+
+def _unit_number(text):
+    try:
+        return 0 <= float(text) <= 1
+    except ValueError:
+        return False
 
 
 def main_guard(main):

@@ -157,6 +157,8 @@ FT_AT = dict(  # the blind baseline: exactly FT's recipe, with the adversarial s
     adv_step=0.05,             # PGD step (eps/4, random start)
     adv_steps=5,               # PGD steps (SAU's adv_steps)
 )
+NC_PASSES = 20                 # NC's passes over 1000 images per class: what fits 5 minutes a cell here (see results/README.md)
+MCR_EPOCHS = 40               # the reference's 100 curve epochs take 7 minutes a cell here (results/README.md: the effect)
 DEFENSES = {
     'ft': FT,
     'nad': NAD,
@@ -187,6 +189,39 @@ DEFENSES = {
                 sau_beta_adv=0.01,     # weight of the adversarial term in the maximisation (beta_1)
                 sau_beta_shared=1.0,   # weight of the shared (JS) term (beta_2)
                 sau_lmd_shared=1.0),   # weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
+    # Neural Cleanse (Wang et al., S&P 2019), reverse engineering as VinAIResearch's neural_cleanse (Adam lr 0.1
+    # betas 0.5/0.9, batch 64, cost 1e-3 x2 / 2**1.5 after 5 passes, success bound 99%, early stop 25 passes),
+    # the mask's L1 norm as the paper; unlearning as the paper: 1 epoch, 20% of each batch stamped with the
+    # reversed trigger at true labels (its lr is not given: BackdoorBench's NC lr 0.01), FT's other settings
+    'nc': dict(label='NC', blind=True, script='main_ft.py', module='nc',
+               epochs=1, lr=0.01, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',
+               schedule='constant', augment=True, drop_last=True, cutout=0,
+               adv_share=0.2,         # the paper's unlearning share
+               nc_epochs=NC_PASSES,   # reverse-engineering passes per class (the reference: 50 over its data)
+               nc_images=1000,        # images per pass (the original's NB_SAMPLE)
+               nc_batch_size=64, nc_init_cost=1e-3, nc_patience=5, nc_early_stop=25,
+               nc_bound=0.99,         # success a mask must reach to count
+               nc_lr=0.1),            # Adam on the mask and pattern
+    # I-BAU (Zeng et al., ICLR 2022) defense.py's CIFAR-10 defaults: batch 100, Adam lr 0.001 on the weights, 5
+    # rounds, K 5; its inner search SGD lr 10, fixed-point step 0.1, |delta|^2 weight 0.001, 1% of a batch
+    # perturbed; no augmentation (its TensorDataset), every image used
+    'i-bau': dict(label='I-BAU', blind=True, script='main_ft.py', module='i_bau',
+                  epochs=5, lr=0.001, batch_size=100, momentum=0.9, nesterov=False, weight_decay=0.0,
+                  optimizer='adam', schedule='constant', augment=False, drop_last=False, cutout=0,
+                  ibau_k=5,            # fixed-point iterations of the hypergradient
+                  ibau_inner_lr=10.0,  # the universal perturbation's SGD lr
+                  ibau_fp_step=0.1,    # the inner problem's gradient-descent map (its GradientDescent(loss_inner, 0.1))
+                  ibau_reg=0.001,      # weight of |delta|^2 in the inner loss
+                  ibau_share=0.01),    # share of a batch carrying the perturbation in the outer loss
+    # MCR (Zhao et al., ICLR 2020) IBM/model-sanitization backdoor-cifar train.py: Bezier curve, 3 bends (the ends
+    # fixed), SGD lr 0.01 momentum 0.9, L2 1e-4 on the bend, batch 128, 100 epochs with its schedule; the ends
+    # here: the backdoored model and FT's teacher (shared with NAD and ARGD)
+    'mcr': dict(label='MCR', blind=True, script='main_ft.py', module='mcr',
+                epochs=MCR_EPOCHS, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                optimizer='sgd', schedule='curve', augment=True, drop_last=True, cutout=0,  # its VGG transform: crop + flip
+                t_model=None,          # the curve's end: FT's teacher (None: <checkpoint_root>/t_net/<s_name>.tar, made if absent)
+                mcr_t='auto',          # the point written as the model: auto = best held-out accuracy of t = 0.5 ... 0.9
+                mcr_held_out=0.1),     # share of the clean subset kept from the curve to choose t on
 }
 DEFAULT_DEFENSE = {'train_teacher.py': 'ft', 'main-ARGD.py': 'argd', 'main_mcl.py': 'mcl',  # each script's without --defense
                    'main_ft.py': 'pam'}

@@ -15,17 +15,15 @@ Not in the papers (ARGD-SI: --defense argd-si, or --source inverted; file names 
 detection's pattern (a synthesised trigger, main_ft.py's FT-SI) on --adv_share of each batch at true
 labels. (PAM's path-aware gradient on top was measured not to help and is not kept: results/README.md.)
 """
-import copy
 import os
 
 import torch
 
 import defenses
-from checkpoints import load_model
 from cli import main_guard, parse_args
 from config import DEFENSES
 from defenses import defense_meta, defense_setup, finish
-from defenses.ft import check_student, finetune, teacher_path
+from defenses.ft import teacher_model, teacher_path
 from files import check_writable
 from training import fit
 from utils import schedule
@@ -45,15 +43,7 @@ def main():
     for path in (out, csv_path, t_path):
         check_writable(path)
 
-    if os.path.exists(t_path):
-        teacher, t_meta = load_model(t_path, args, data.num_classes, run.device)
-        check_student(t_meta, t_path, run)
-    else:
-        print(f'teacher {t_path} not found: fine-tuning one from {run.s_path} on the clean subset first')
-        teacher = copy.deepcopy(student)
-        finetune(args, run, teacher, t_path, os.path.join(args.log_root, f'teacher_{run.s_name}.csv'))
-    teacher.eval()
-    teacher.requires_grad_(False)
+    teacher = teacher_model(args, run, t_path)
 
     torch.manual_seed(args.seed)
     steps = defenses.module(args.defense).build(args, run, teacher)

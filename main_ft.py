@@ -1,6 +1,6 @@
-"""Erase a backdoor by fine-tuning past superficial safety: PAM (default), FST, SAU, or the blind
-baselines FT-AT and FT-SI. Each sees only the defender's clean subset (--ratio); none is told the
-trigger or the target.
+"""Erase a backdoor by fine-tuning past superficial safety: PAM (default), FST, SAU, the blind baselines
+FT-AT and FT-SI, or the papers' classic defenses NC, I-BAU and MCR. Each sees only the defender's clean
+subset (--ratio); none is told the trigger or the target.
 
     python main_ft.py --s_model weight/zoo/blended.tar --data_root /tmp/data/cifar10                # PAM
     python main_ft.py --defense fst --s_model weight/zoo/sig-cl.tar --data_root /tmp/data/cifar10
@@ -16,6 +16,12 @@ trigger or the target.
   NeurIPS 2023); SGD lr 0.01, momentum 0.9, cosine over 10 epochs, batch 128.
 - sau: shared adversarial unlearning (Wei et al., NeurIPS 2023); Adam lr 1e-4, cosine, batch 256, BN
   frozen, 12 epochs (the reference's 100 do not fit 5 minutes here).
+- nc: Neural Cleanse (Wang et al., S&P 2019): a mask and pattern reverse-engineered per class, the
+  outliers flagged (anomaly index >= 2), 1 epoch of unlearning with their triggers on 20% of each batch.
+- i-bau: implicit backdoor adversarial unlearning (Zeng et al., ICLR 2022): a universal perturbation per
+  round, the weights updated through the implicit hypergradient; Adam lr 0.001, 5 rounds, batch 100.
+- mcr: mode connectivity repair (Zhao et al., ICLR 2020): a Bezier curve from the model to FT's teacher
+  (--t_model, fine-tuned first if absent), its point t chosen on a held-out tenth of the clean subset.
 Recipes: config.DEFENSES (`--defense KEY --help` shows the values it runs with); a flag overrides one.
 The final model goes to <checkpoint_root>/<tag>_net/<s_name>.tar (never picked by test metrics), the
 per-epoch CSV to <log_root>/<tag>_<s_name>.csv; tag = the defense, ft-si or pam-si.

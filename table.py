@@ -205,8 +205,9 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
         d = COLUMNS[name]
         told = [row_target(args, attack) if f is TOLD else f for f in d['flags']]  # MCL is told the row's target
         flags = [*s_model, *told, '--output', os.path.join(work, f'{attack}-{name}.tar')]
-        flags += ['--t_model', teacher] if d['script'] == 'main-ARGD.py' else []
-        build = model_and_teacher if d['script'] == 'main-ARGD.py' else model
+        uses_teacher = d['script'] == 'main-ARGD.py' or 't_model' in config.DEFENSES.get(name, {})  # ARGD, NAD, MCR
+        flags += ['--t_model', teacher] if uses_teacher else []
+        build = model_and_teacher if uses_teacher else model
 
         def cell():
             build()

@@ -30,6 +30,9 @@ class Steps:
     train_mode: bool = True                  # False: the model steps in eval mode (SAU: BatchNorm frozen)
     extra_modules: dict = field(default_factory=dict)  # trained beside the model where they need gradients; resumed
     meta: dict = field(default_factory=dict)  # what the run adds to the checkpoint's meta and the summary
+    epochs: Optional[int] = None             # the defense's own count where it decides one (NC: 0, nothing flagged)
+    finish: Optional[Callable] = None        # after the last epoch: puts the defended weights in the model before
+    #                                          it is scored and saved (MCR: its curve's point); no per-epoch scores
 
 
 def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta, epochs=None, nesterov=False,
@@ -43,6 +46,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
     option that changes the result differs). Returns the final model's metrics.
     """
     epochs = args.epochs if epochs is None else epochs
+    epochs = epochs if steps.epochs is None else steps.epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
     extra_modules = dict(steps.extra_modules)
     params = list(model.parameters()) + [p for m in extra_modules.values() for p in m.parameters() if p.requires_grad]
@@ -61,7 +65,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
     monitor = test_subset(test, args.eval_subset, args.seed) if args.eval_subset else test
     score = lambda t: evaluate(model, t, normalizer, args.eval_batch_size, args.amp)
     final = None
-    if not rows and evaluate_first:
+    if not rows and evaluate_first and not steps.finish:
         rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **csv_metrics(score(monitor), monitor), seconds=0.0))
         print(log_line(rows[-1], epochs, tag))
     for epoch in range(rows[-1]['epoch'] if rows else 0, epochs):
@@ -73,9 +77,11 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
                             f'{state_path if state_path and os.path.exists(state_path) else "the input model"}')
         row = dict(epoch=epoch + 1, lr=lr_at(epoch), loss=round(loss, 5))
         if epoch + 1 == epochs:
+            if steps.finish:
+                steps.finish()
             final = score(test)
             row.update(csv_metrics(final, test))
-        elif (epoch + 1) % args.eval_every == 0:
+        elif (epoch + 1) % args.eval_every == 0 and not steps.finish:
             row.update(csv_metrics(score(monitor), monitor))
         row['seconds'] = round(time.time() - t0, 2)
         rows.append(row)
@@ -90,7 +96,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
         write_csv(rows, csv_path)
     final = final or score(test)
     if lead and out_path:
-        save_checkpoint(out_path, model, meta, epochs, final)
+        save_checkpoint(out_path, model, dict(meta, **steps.meta), epochs, final)  # with what finish() added
         if os.path.exists(state_path):  # only once the final model is safely written
             os.unlink(state_path)
     return final

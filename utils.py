@@ -12,11 +12,20 @@ def cosine_lr(base, epoch, epochs):
     return base * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
+def curve_lr(base, epoch, epochs):
+    """MCR's curve schedule (IBM/model-sanitization train.py): base for the first half, then linearly down
+    to base / 100 at 90% of the epochs, base / 100 after; epoch 0-based, counted from 1 as the reference."""
+    alpha = (epoch + 1) / epochs
+    return base * (1.0 if alpha <= 0.5 else 1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9 else 0.01)
+
+
 def schedule(recipe, lr, epochs):
     """lr_at(epoch) of a recipe (a config.DEFENSES entry): 'step' (its milestones and factors), 'cosine'
-    over `epochs`, or 'constant'."""
+    over `epochs`, 'curve' (MCR's), or 'constant'."""
     if recipe['schedule'] == 'step':
         return lambda epoch: step_lr(lr, epoch, recipe['milestones'], recipe['factors'])
     if recipe['schedule'] == 'cosine':
         return lambda epoch: cosine_lr(lr, epoch, epochs)
+    if recipe['schedule'] == 'curve':
+        return lambda epoch: curve_lr(lr, epoch, epochs)
     return lambda epoch: lr

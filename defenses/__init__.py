@@ -22,13 +22,15 @@ def module(key):
     return importlib.import_module(f"defenses.{config.DEFENSES[key]['module']}")
 
 
-def clean_batches(args, run, recipe, normalizer=None):
+def clean_batches(args, run, recipe, normalizer=None, images=None):
     """One epoch's batches of the defender's clean subset as a recipe (a config.DEFENSES entry) has them:
     its augmentation (crop + flip where the data set has them, Cutout), no ragged last batch where it says
     so. normalizer: the model's (default), or another (raw [0,1] where images change before normalising).
-    Cutout is --cutout where the script has it (FT, NAD, ARGD), else the recipe's."""
+    Cutout is --cutout where the script has it (FT, NAD, ARGD), else the recipe's. images: (x, y), a part
+    of the subset (default: all of it)."""
     cutout = getattr(args, 'cutout', recipe['cutout'])
-    return lambda epoch: train_batches(run.x, run.y, args.batch_size, normalizer or run.data.normalizer, args.seed,
+    x, y = images or (run.x, run.y)
+    return lambda epoch: train_batches(x, y, args.batch_size, normalizer or run.data.normalizer, args.seed,
                                        epoch, augment_data=recipe['augment'], drop_last=recipe['drop_last'],
                                        cutout=cutout, crop_flip=run.data.crop_flip)
 

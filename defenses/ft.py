@@ -5,10 +5,12 @@ As the NAD README describes its teacher (NAD's main.py with every beta 0): all l
 only, crop + flip + Cutout, SGD Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after
 (config.DEFENSES['ft']).
 """
+import copy
 import os
 
 import torch.nn.functional as F
 
+from checkpoints import load_model
 from config import DEFENSES
 from defenses import clean_batches, defense_meta
 from errors import UserError
@@ -33,6 +35,21 @@ def finetune(args, run, model, out, csv_path, tag='teacher'):
     return fit(args, model, build(args, run, model), schedule(recipe, args.teacher_lr, args.teacher_epochs),
                run.data.test, run.data.normalizer, out_path=out, csv_path=csv_path, meta=meta,
                epochs=args.teacher_epochs, nesterov=recipe['nesterov'], evaluate_first=True, tag=tag)
+
+
+def teacher_model(args, run, t_path):
+    """The teacher at t_path (checked to be this student's), or, where there is none, the student fine-tuned on
+    the clean subset first and saved there. Returned frozen in eval mode."""
+    if os.path.exists(t_path):
+        teacher, t_meta = load_model(t_path, args, run.data.num_classes, run.device)
+        check_student(t_meta, t_path, run)
+    else:
+        print(f'teacher {t_path} not found: fine-tuning one from {run.s_path} on the clean subset first')
+        teacher = copy.deepcopy(run.model)
+        finetune(args, run, teacher, t_path, os.path.join(args.log_root, f'teacher_{run.s_name}.csv'))
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def check_student(t_meta, t_path, run):
