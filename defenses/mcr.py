@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from config import DEFENSES
-from data_loader import test_subset
+from data_loader import seeded, test_subset
 from defenses import clean_batches
 from defenses.ft import teacher_model, teacher_path
 from device import autocast
@@ -75,10 +75,16 @@ def build(args, run):
         for n, p in model.named_parameters():
             p.copy_((start[n] + end[n]) / 2)
     batches = clean_batches(args, run, recipe, images=(x_fit, y_fit))
-    meta = {}
+    meta, drawn = {}, {}
 
-    def loss(x, y):  # a point of the curve drawn per batch (the global generator: resumed with the run)
-        t = float(torch.rand(()))
+    def curve_batches(epoch):  # each batch with its point of the curve, drawn from the epoch's own stream
+        g = seeded(args.seed, f'mcr-t-{epoch}')
+        for x, y in batches(epoch):
+            drawn['t'] = float(torch.rand((), generator=g))
+            yield x, y
+
+    def loss(x, y):
+        t = drawn['t']
         weights = {n: bezier(t, start[n], p, end[n]) for n, p in model.named_parameters()}
         return F.cross_entropy(functional_call(model, weights, (x,)).float(), y)
 
@@ -107,4 +113,4 @@ def build(args, run):
         print(f"MCR: the curve's point t = {chosen:g} is the model ({held} held-out images)", flush=True)
         meta.update(mcr_t=chosen, curve_ASR=path, curve_held_out=[round(held_acc[t], 2) for t in GRID])
 
-    return Steps(batches=batches, loss=loss, finish=finish, meta=meta)
+    return Steps(batches=curve_batches, loss=loss, finish=finish, meta=meta)

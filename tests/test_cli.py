@@ -129,6 +129,12 @@ def matrix():
             inputs['negative-rho'] = (lambda d, img: ['--rho', -1, *folder(img)], '--rho must be a finite number >= 0')
             inputs['no-pgd-steps'] = (lambda d, img: ['--adv_steps', 0, *folder(img)], '--adv_steps must be >= 1')
             inputs['unknown-source'] = (lambda d, img: ['--source', 'oracle', *folder(img)], "unknown source 'oracle'")
+            inputs['no-nc-passes'] = (lambda d, img: ['--defense', 'nc', '--nc_epochs', 0, *folder(img)],
+                                      '--nc_epochs must be >= 1')
+            inputs['mcr-t-word'] = (lambda d, img: ['--defense', 'mcr', '--mcr_t', 'middle', *folder(img)],
+                                    "--mcr_t must be 'auto' or a number in [0, 1]")
+            inputs['mcr-teacher-text'] = (lambda d, img: ['--defense', 'mcr', '--t_model', d / 'text.tar', *folder(img)],
+                                          'not a readable checkpoint')
         if script == 'main_mcl.py':
             inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
             inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')

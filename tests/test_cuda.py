@@ -51,6 +51,9 @@ def test_a_checkpoint_written_on_cuda_loads_on_a_cpu_only_machine(cuda_model):
     ('main_ft.py', ['--defense', 'pam', '--epochs', 1, '--source', 'inverted']),
     ('main_ft.py', ['--defense', 'fst', '--epochs', 1]),
     ('main_ft.py', ['--defense', 'sau', '--epochs', 1]),
+    ('main_ft.py', ['--defense', 'nc', '--epochs', 1, '--nc_epochs', 3]),
+    ('main_ft.py', ['--defense', 'i-bau', '--epochs', 1]),
+    ('main_ft.py', ['--defense', 'mcr', '--epochs', 2, '--teacher_epochs', 1]),
 ])
 def test_every_defense_runs_on_cuda_and_writes_cpu_checkpoints(cuda_model, image_folder, tmp_path, script, flags):
     out = tmp_path / 'out.tar'

@@ -181,6 +181,9 @@ END_TO_END = {
     'ft-si': ['--epochs', 6, '--batch_size', 32],
     'fst': ['--epochs', 6, '--batch_size', 32],
     'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
+    'nc': ['--epochs', 6, '--batch_size', 32, '--lr', 0.05],   # the paper's one epoch is 6 steps here
+    'i-bau': ['--batch_size', 32],
+    'mcr': ['--epochs', 20, '--batch_size', 32],
 }
 
 
@@ -194,6 +197,10 @@ def test_each_fine_tuning_defense_erases_the_planted_backdoor(name, backdoored, 
     assert (tmp_path / 'w' / f'{name}_net' / 'bd.tar').exists() and (tmp_path / 'logs' / f'{name}_bd.csv').exists()
     if name == 'ft-si':
         assert "synthesised trigger: class 0's inverted pattern" in r.stdout, r.stdout
+    if name == 'nc':
+        assert 'NC: flagged class 0 (index' in r.stdout, r.stdout
+    if name == 'mcr':
+        assert "MCR: the curve's point t = " in r.stdout and (tmp_path / 'w' / 't_net' / 'bd.tar').exists(), r.stdout
 
 
 @pytest.mark.slow

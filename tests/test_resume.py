@@ -116,13 +116,15 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('defense', ['pam', 'fst', 'sau'])
+@pytest.mark.parametrize('defense', ['pam', 'fst', 'sau', 'nc', 'i-bau', 'mcr'])
 def test_a_killed_fine_tuning_defense_resumes_bit_identical(defense, backdoored, image_folder, tmp_path):
-    """PAM's PGD starts and path-aware point, FST's re-initialised head and SAU's Adam state all resume."""
+    """PAM's PGD starts and path-aware point, FST's re-initialised head, SAU's and I-BAU's Adam state, NC's
+    reverse-engineered triggers and MCR's curve (its t per batch, its choice of the point) all resume."""
     def flags(out):
         return ['--defense', defense, '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
                 backdoored['path'], '--ratio', 0.5, '--batch_size', 32, '--epochs', 12, '--threads', 1,
-                '--output', out, '--log_root', os.path.dirname(out)]
+                '--output', out, '--log_root', os.path.dirname(out), '--checkpoint_root', tmp_path / 'w',
+                *(['--t_model', tmp_path / 'teacher.tar'] if defense == 'mcr' else [])]
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
     a, b = str(tmp_path / 'a' / 'm.tar'), str(tmp_path / 'b' / 'm.tar')
