@@ -122,6 +122,12 @@ def _share(a):
       "detection's pattern, a synthesised trigger: the -SI variants), none (ARGD, NAD: no share)")
 
 
+def _strip(a):
+    a('--strip_n', type=int, help='STRIP: clean overlays superimposed on each input')
+    a('--strip_frr', type=float, help="STRIP: false rejection rate the threshold is set at, on the defender's clean subset")
+    a('--strip_images', type=int, help='STRIP: test images of each set scored, and defender images for the threshold')
+
+
 def _attack_from(a):
     a('--attack_from', help="score against the attack in this checkpoint's meta instead of the model's own "
       '(a clean control under another model\'s trigger)')
@@ -193,6 +199,7 @@ SCRIPTS = {
     'main_mcl.py': ((_run, _model, _attack, _schedule, _train, _defense, _choose, _inversion),
                     (*DEFENDING, C.INVERSION)),
     'main_ft.py': ((_run, _model, _attack, _schedule, _train, _defense, _choose, _share), DEFENDING),
+    'main_strip.py': ((_run, _model, _attack, _defense, _strip), (C.COMMON, C.MODEL, C.ATTACK, C.DEFENSE, C.STRIP)),
     'evaluate.py': ((_run, _model, _attack, _evaluate, _attack_from), (C.COMMON, C.MODEL, C.ATTACK, C.EVALUATE,
                                                                       C.ATTACK_FROM)),
     'retune.py': ((_run, _model, _attack, _schedule, _train, _retune, _attack_from),
@@ -341,7 +348,10 @@ def check_args(args, script=None, minimums=None):
     # a trigger inversion needs at least one pass (--epochs 0 is MCL's detection-only run)
     if has('points') and args.points < 2:
         raise UserError(f'--points must be >= 2 (both ends of the path), got {args.points}')
-    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs'):
+    if has('strip_frr') and not 0 < args.strip_frr < 1:
+        raise UserError(f'--strip_frr must be in (0, 1), got {args.strip_frr}')
+    for name in ('batch_size', 'eval_every', 'eval_batch_size', 'workers', 'inv_epochs', 'detect_epochs', 'strip_n',
+                 'strip_images'):
         if has(name) and getattr(args, name) < 1:
             raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if has('mcl_target') and args.mcl_target != 'auto' and not args.mcl_target.isdigit():

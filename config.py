@@ -226,6 +226,16 @@ DEFENSES = {
 DEFAULT_DEFENSE = {'train_teacher.py': 'ft', 'main-ARGD.py': 'argd', 'main_mcl.py': 'mcl',  # each script's without --defense
                    'main_ft.py': 'pam'}
 
+# ============================================================================ main_strip.py
+# STRIP (Gao et al., ACSAC 2019; garrisongys/STRIP), a run-time input filter, not an eraser: its own script and
+# table (results/README.md), not a column of the erasers' table
+STRIP = dict(
+    strip_n=100,               # clean overlays per input (the reference's n_sample)
+    strip_frr=0.01,            # false rejection rate the threshold is set at, on the defender's clean subset (the paper's 1%)
+    strip_images=2000,         # test images of each set scored (the reference's n_test), and the defender's images for the threshold
+)
+STRIP_BATCH = 16              # inputs per forward (x strip_n overlays: 1,600 images)
+
 # ============================================================================ retune.py
 RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
     model=None,                # the (purified) checkpoint to attack (required)

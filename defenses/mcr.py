@@ -62,7 +62,7 @@ def update_bn(model, batches, amp=False):
 
 
 def build(args, run):
-    model, norm, data = run.model, run.data.normalizer.normalize_float, run.data
+    model, data = run.model, run.data
     recipe = DEFENSES[args.defense]
     t_path = teacher_path(args, run.s_name)
     check_writable(t_path)

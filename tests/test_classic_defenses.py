@@ -1,21 +1,31 @@
 """The papers' classic defenses on hand-made inputs: Neural Cleanse's trigger, loss, cost schedule, outlier rule
 and reverse engineering; I-BAU's hypergradient and universal perturbation; MCR's curve, schedule and BatchNorm
 re-estimation; STRIP's entropy and threshold."""
+import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import make_images, run_script
 from test_defenses import Linear
 
-from conftest import make_images
 from data_loader import Normalizer, poison_train_set
-from defenses.i_bau import implicit_surrogate, universal_perturbation
+from data_loader import apply_trigger as stamp_attack
 from defenses import nc
+from defenses.i_bau import implicit_surrogate, universal_perturbation
 from defenses.mcr import bezier, update_bn
-from defenses.nc import CostSchedule, apply_trigger, flagged_classes, nc_loss, reverse_engineer, to_unit, \
-    with_trigger_share
+from defenses.nc import (
+    CostSchedule,
+    apply_trigger,
+    flagged_classes,
+    nc_loss,
+    reverse_engineer,
+    to_unit,
+    with_trigger_share,
+)
+from defenses.strip import auroc, entropy_bits, strip_entropy, superimpose, threshold_at
 from triggers import make_trigger
 from utils import curve_lr
 
@@ -117,7 +127,7 @@ def test_ibau_hypergradient_on_a_quadratic_inner_problem():
     for k in (1, 5, 400):
         theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
         d = (theta.detach() / a).clone().requires_grad_(True)        # the inner problem solved
-        value = implicit_surrogate(lambda d: (d - 1) ** 2 + theta ** 2, lambda d: a * d ** 2 / 2 - theta * d, d,
+        value = implicit_surrogate(lambda d, th=theta: (d - 1) ** 2 + th ** 2, lambda d, th=theta: a * d ** 2 / 2 - th * d, d,
                                    alpha, k)
         value.backward()
         d_star = theta0 / a
@@ -140,7 +150,7 @@ def test_ibau_universal_perturbation_raises_the_loss_of_the_models_own_labels():
                                    device=torch.device('cpu'), amp=False)
     with torch.no_grad():
         own = model(norm.normalize_float(x01)).argmax(1)
-        loss = lambda d: float(F.cross_entropy(model(norm.normalize_float(x01 + d)), own))
+        loss = lambda d: float(F.cross_entropy(model(norm.normalize_float(x01 + d)), own).detach())
         g = torch.Generator().manual_seed(0)
         randoms = [torch.randn(delta.shape, generator=g) for _ in range(5)]
         random_loss = max(loss(r * delta.norm() / r.norm()) for r in randoms)  # as large, in random directions
@@ -171,3 +181,40 @@ def test_mcr_batchnorm_statistics_are_recomputed_from_the_batches():
     assert torch.allclose(model[0].running_mean, means, atol=1e-6)
     assert torch.allclose(model[0].running_var, variances, atol=1e-5)
     assert model[0].momentum == 0.1 and not model.training
+
+
+def test_strip_superimposes_scores_entropy_and_sets_its_threshold():
+    x, overlays = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 3, 4, 4)
+    mixed = superimpose(x, overlays)
+    assert mixed.shape == (10, 3, 4, 4) and torch.equal(mixed[7], x[1] + overlays[1, 2])  # added, unclipped
+    assert entropy_bits(torch.zeros(1, 8)).item() == pytest.approx(3.0)                   # uniform over 8: 3 bits
+    assert entropy_bits(torch.tensor([[30.0, 0, 0, 0]])).item() < 1e-9
+    two = entropy_bits(torch.tensor([[0.0, 0.0, -1e9]])).item()
+    assert two == pytest.approx(1.0)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])                                         # mean 3, std sqrt(2.5)
+    assert threshold_at(values, 0.01) == pytest.approx(3 - 2.3263479 * math.sqrt(2.5), rel=1e-6)
+    clean, triggered = torch.tensor([1.0, 1.2, 0.9, 1.1]), torch.tensor([0.1, 0.2, 1.0])
+    assert auroc(clean, triggered) == pytest.approx((4 + 4 + 2.5) / 12)  # 1.0: below 1.1 and 1.2, ties 1.0 (half)
+    assert auroc(clean, clean) == pytest.approx(0.5)
+
+
+def test_strip_separates_triggered_from_clean_images_of_the_planted_model():
+    """The planted linear model keeps sending a patched image to its target whatever it is mixed with, while a
+    clean image's class moves with its overlay: lower entropy, an AUROC near 1 (0.95 measured)."""
+    model, x, y, norm = planted_linear()
+    patched = stamp_attack(make_trigger('squareTrigger', 32, 5, 5), x[y != 0])
+    clean = strip_entropy(model, x[y != 0][:100], x, norm, 50, 0, 'clean')
+    triggered = strip_entropy(model, patched[:100], x, norm, 50, 0, 'triggered')
+    assert auroc(clean, triggered) >= 0.9 and triggered.mean() < clean.mean() - 0.1, (clean.mean(), triggered.mean())
+
+
+@pytest.mark.slow
+def test_strip_script_reports_its_filter_on_the_toy(backdoored, image_folder, tmp_path):
+    """main_strip.py end to end. On the colour-coded toy a clean image mixed with another stays confidently one
+    colour class, so STRIP separates it only partly (AUROC 74 measured): asserted is the report, not a verdict."""
+    r = run_script('main_strip.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
+                   backdoored['path'], '--ratio', 0.5, '--strip_images', 100, '--strip_n', 20, '--json')
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m['images'] == [100, 100] and m['n'] == 20 and m['ASR'] >= 90 and m['AUROC'] > 60, m
+    assert m['ASR_through'] <= min(m['ASR'], m['FAR']) and 0 <= m['FRR'] <= 100, m

@@ -59,11 +59,13 @@ ENTRY_POINTS = {
     'main_mcl.py': lambda bd: ['--s_model', bd, '--mcl_target', 0, '--epochs', 1],
     'main_ft.py': lambda bd: ['--s_model', bd, '--epochs', 1],
     'retune.py': lambda bd: ['--model', bd, '--epochs', 1],
+    'main_strip.py': lambda bd: ['--s_model', bd, '--strip_images', 20, '--strip_n', 4],
 }
 # The flags through which each entry point reads a checkpoint.
 CHECKPOINT_FLAGS = [('evaluate.py', '--model'), ('train_teacher.py', '--s_model'), ('main-ARGD.py', '--s_model'),
                     ('main-ARGD.py', '--t_model'), ('main_mcl.py', '--s_model'), ('main_ft.py', '--s_model'),
-                    ('retune.py', '--model'), ('evaluate.py', '--attack_from'), ('retune.py', '--attack_from')]
+                    ('retune.py', '--model'), ('evaluate.py', '--attack_from'), ('retune.py', '--attack_from'),
+                    ('main_strip.py', '--s_model')]
 WRITERS = ('train_badnet.py', 'train_teacher.py', 'main-ARGD.py', 'main_mcl.py', 'main_ft.py')
 
 # name -> (extra flags given d = the folder of bad files, img = a good image folder; expected message)
@@ -135,6 +137,9 @@ def matrix():
                                     "--mcr_t must be 'auto' or a number in [0, 1]")
             inputs['mcr-teacher-text'] = (lambda d, img: ['--defense', 'mcr', '--t_model', d / 'text.tar', *folder(img)],
                                           'not a readable checkpoint')
+        if script == 'main_strip.py':
+            inputs['strip-frr'] = (lambda d, img: ['--strip_frr', 1.0, *folder(img)], '--strip_frr must be in (0, 1)')
+            inputs['no-overlays'] = (lambda d, img: ['--strip_n', 0, *folder(img)], '--strip_n must be >= 1')
         if script == 'main_mcl.py':
             inputs['mcl-target-word'] = (lambda d, img: ['--mcl_target', 'first', *folder(img)], "--mcl_target must be")
             inputs['mcl-target-out-of-range'] = (lambda d, img: ['--mcl_target', 9, *folder(img)], '--mcl_target 9 is outside')
