@@ -33,6 +33,9 @@ from metrics import METRICS
 from table import ATTACKS, BLIND, COLUMNS, cell_commands, cell_settings, dataset_of, locked, short_hash, zoo_model
 
 RETUNED = ('ASR_retuned', 'ACC_retuned', 'RA_retuned')  # the same model after the retuning attack (retune.py)
+# what a defense found, kept in its cell where it reports it: the synthesised trigger's detection (FT-SI, PAM-SI,
+# ARGD-SI), NC's flagged classes, MCR's point and the test ASR along its curve
+DEFENSE_FINDINGS = ('detected', 'anomaly_index', 'nc_flagged', 'nc_anomaly_index', 'mcr_t', 'curve_ASR')
 
 
 def all_cells(attacks, seeds, columns=tuple(COLUMNS)):
@@ -140,6 +143,7 @@ def work_through(args, cells):
             row = dict(attack=attack, defense=defense, seed=seed, **{k: metrics[k] for k in METRICS},
                        **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
                                                         'warning', 'synthesised_class')},
+                       **{k: metrics[k] for k in DEFENSE_FINDINGS if k in metrics},
                        seconds=seconds, settings_key=key, settings=settings)
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
