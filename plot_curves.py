@@ -100,8 +100,8 @@ def plot(curves, title):
 
 
 def read_robustness(rows):
-    """table.csv's rows -> {model: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the path or
-    None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
+    """table.csv's rows -> {model: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the straight path
+    or None, mean ASR along MCR's curve or None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
     attack has cells on several models (a retrained row), so two models never share a bar. Only models with a
     defended cell's path are drawn: no empty panels."""
     rows = [r for r in rows if r.get('ASR_retuned')]
@@ -116,15 +116,21 @@ def read_robustness(rows):
             got = [r for r in rows if (r['attack'], r['settings_key'], r['defense']) == (attack, key, name)]
             if got:
                 mean = lambda k: sum(float(r[k]) for r in got) / len(got)
-                paths = [json.loads(r['path_ASR']) for r in got if r.get('path_ASR')]
-                path = [sum(p[i] for p in paths) / len(paths) for i in range(len(paths[0]))] if paths else None
-                out.setdefault(title, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), path)
+                out.setdefault(title, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), mean_path(got, 'path_ASR'),
+                                                         mean_path(got, 'curve_ASR'))
     return out
+
+
+def mean_path(rows, key):
+    """The mean over the seeds of a list column (path_ASR: the straight line; curve_ASR: MCR's curve), or None."""
+    paths = [json.loads(r[key]) for r in rows if r.get(key)]
+    return [sum(p[i] for p in paths) / len(paths) for i in range(len(paths[0]))] if paths else None
 
 
 def plot_robustness(data):
     """-> PNG bytes: one column per attack; on top a pair of bars (ASR, ASR after re-tuning) per defense,
-    below the ASR along the straight line from the backdoored weights (t = 0) to each defense's (t = 1)."""
+    below the ASR along the straight line from the backdoored weights (t = 0) to each defense's (t = 1), and
+    dashed, along MCR's curve from the backdoored weights to FT's."""
     plt = pyplot()
     fig, axes = plt.subplots(2, len(data), figsize=(3.4 * len(data), 6.4), sharey='row', squeeze=False)
     for col, (attack, cells) in enumerate(data.items()):
@@ -136,9 +142,12 @@ def plot_robustness(data):
         ax.set_xticklabels(list(cells), rotation=60, fontsize=7)
         ax.set_title(attack)
         ax.grid(alpha=0.3, axis='y')
-        for label, (_, _, path) in cells.items():
+        for label, (_, _, path, curve) in cells.items():
             if path:
-                path_ax.plot([i / (len(path) - 1) for i in range(len(path))], path, marker='.', label=label)
+                line, = path_ax.plot([i / (len(path) - 1) for i in range(len(path))], path, marker='.', label=label)
+            if curve:  # MCR: along its Bezier curve (t = 1: FT's teacher; its model is the point it chose)
+                path_ax.plot([i / (len(curve) - 1) for i in range(len(curve))], curve, linestyle='--',
+                             color=line.get_color() if path else None, label=f'{label} curve (t=1: FT)')
         path_ax.set_xlabel('t (0: backdoored, 1: defended)')
         path_ax.grid(alpha=0.3)
         if path_ax.lines:

@@ -190,7 +190,11 @@ def test_the_robustness_picture_never_averages_two_models_of_one_attack():
     cell = lambda key, asr, path='[100.0, 2.0]', defense='ft', attack='trojan': dict(
         attack=attack, settings_key=key, defense=defense, ASR=asr, ASR_retuned='1.0', path_ASR=path)
     got = read_robustness([cell('old', '4.0', '[100.0, 4.0]'), cell('new', '2.0'), cell('new', '3.0', '[100.0, 3.0]')])
-    assert got == {'trojan [old]': {'FT': (4.0, 1.0, [100.0, 4.0])}, 'trojan [new]': {'FT': (2.5, 1.0, [100.0, 2.5])}}
+    assert got == {'trojan [old]': {'FT': (4.0, 1.0, [100.0, 4.0], None)},
+                   'trojan [new]': {'FT': (2.5, 1.0, [100.0, 2.5], None)}}
+    curved = dict(cell('new', '2.0', defense='mcr'), curve_ASR='[100.0, 50.0, 1.0]')  # MCR's curve, averaged as the path
+    got = read_robustness([curved, dict(curved, curve_ASR='[100.0, 30.0, 3.0]')])
+    assert got == {'trojan': {'MCR': (2.0, 1.0, [100.0, 2.0], [100.0, 40.0, 2.0])}}
     assert list(read_robustness([cell('new', '2.0')])) == ['trojan']
     # no empty panels: a model whose cells kept no path (a lost file), a row with only the undefended model
     lost, control = cell('lost', '3.0', path=''), cell('c', '1.0', path='', defense='none', attack='clean')
