@@ -195,8 +195,7 @@ DEFENSES = {
     # reversed trigger at true labels (its lr is not given: BackdoorBench's NC lr 0.01), FT's other settings
     'nc': dict(label='NC', blind=True, script='main_ft.py', module='nc',
                epochs=1, lr=0.01, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',
-               schedule='constant', augment=True, drop_last=True, cutout=0,
-               adv_share=0.2,         # the paper's unlearning share
+               schedule='constant', augment=True, drop_last=True, cutout=0,  # its share: DEFENSE's adv_share, the paper's 20%
                nc_epochs=NC_PASSES,   # reverse-engineering passes per class (the reference: 50 over its data)
                nc_images=1000,        # images per pass (the original's NB_SAMPLE)
                nc_batch_size=64, nc_init_cost=1e-3, nc_patience=5, nc_early_stop=25,

@@ -48,6 +48,20 @@ def test_every_option_default_comes_from_config_and_an_edit_there_reaches_the_pa
         assert getattr(cli.get_arguments(script, defense=defense).parse_args(argv), name) == owner[name], name
 
 
+def test_no_defense_entry_takes_a_shared_option_from_the_others():
+    """An option every defense of a script reads from a config.py group (--adv_share) set in one entry would be
+    that entry's own, and so None ('not used') for the others: such a key is in every entry of the script or in none."""
+    for script in config.DEFAULT_DEFENSE:
+        entries = [config.DEFENSES[d] for d in cli.defenses_of(script)]
+        shared = set().union(*cli.SCRIPTS[script][1])
+        for key in set().union(*entries) & shared:
+            assert all(key in e for e in entries), (script, key)
+        for d in cli.defenses_of(script):
+            args = cli.parse_args(script, ['--defense', d] if script != 'train_teacher.py' else [])
+            for k, v in config.DEFENSE.items():  # the shared defense options: what config.py says, for every defense
+                assert v is None or getattr(args, k, v) is not None, (script, d, k)
+
+
 def test_help_shows_the_values_the_chosen_defense_runs_with():
     """PAM runs with momentum 0.1: --help says so, and the parsed value is it (no override after parsing)."""
     text = ' '.join(cli.get_arguments('main_ft.py').format_help().split())
