@@ -46,10 +46,11 @@ def apply_trigger(x01, mask, pattern):
     return (1 - mask) * x01 + mask * pattern
 
 
-def nc_loss(logits, target, mask, cost):
-    """NC's objective for one class: mean cross-entropy of the stamped images to `target` + cost * |m|_1."""
-    return F.cross_entropy(logits.float(), torch.full((len(logits),), target, device=logits.device)) + \
-        cost * mask.abs().sum()
+def nc_loss(logits, targets, masks, cost):
+    """NC's objective, per class: the mean cross-entropy of its stamped images to its class + cost * |m|_1.
+    logits (K * B, C) in blocks of B images per class, targets (K * B,), masks (K, 1, H, W), cost (K,) -> (K,)."""
+    ce = F.cross_entropy(logits.float(), targets, reduction='none').view(len(masks), -1).mean(1)
+    return ce + cost * masks.abs().sum((1, 2, 3))
 
 
 class CostSchedule:
@@ -96,8 +97,8 @@ def reverse_engineer(model, x, normalizer, num_classes, epochs, images, batch_si
     carries mask k and pattern k), so one forward serves them all; each class has its own mask, pattern, cost
     and counters, Adam's update is per element and the model is frozen in eval mode, so a class gets what it
     would alone. x: clean uint8 images (N, H, W, C). Returns [(mask (1, H, W), pattern (3, H, W), info)] per
-    class: the best mask that reached the bound, else the last one (as the reference); info = dict(l1, success,
-    passes, found)."""
+    class: the best mask that reached the bound, else the last one (as the reference); info = dict(l1, passes,
+    found)."""
     device, k, (h, w) = x.device, num_classes, x.shape[1:3]
     mask_raw = torch.ones(k, 1, h, w, device=device, requires_grad=True)      # the reference's init: tanh(1)
     pattern_raw = torch.ones(k, 3, h, w, device=device, requires_grad=True)
@@ -127,11 +128,9 @@ def reverse_engineer(model, x, normalizer, num_classes, epochs, images, batch_si
                 with autocast(device, amp):
                     out = model(normalizer.normalize_float(stamped)).float()
                 wanted = labels[c0 * batch_size:c1 * batch_size]
-                ce = F.cross_entropy(out, wanted, reduction='none').view(c1 - c0, batch_size).mean(1)
-                l1 = masks.abs().sum((1, 2, 3))
-                ((ce + cost[c0:c1] * l1) * weight[c0:c1]).sum().backward()
+                (nc_loss(out, wanted, masks, cost[c0:c1]) * weight[c0:c1]).sum().backward()
                 hits[c0:c1] += (out.argmax(1) == wanted).float().view(c1 - c0, batch_size).mean(1).detach()
-                norms[c0:c1] += l1.detach()
+                norms[c0:c1] += masks.detach().abs().sum((1, 2, 3))
             opt.step()
             steps += 1
         success, norm = (hits / steps).tolist(), (norms / steps).tolist()

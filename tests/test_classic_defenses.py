@@ -41,9 +41,12 @@ def test_nc_trigger_and_loss_on_hand_made_inputs():
     untouched = torch.ones(4, 4, dtype=torch.bool)
     untouched[1, 2] = untouched[3, 3] = False
     assert torch.equal(out[:, :, untouched], x[:, :, untouched])                         # m = 0: the image
-    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    expect = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2 + 0.1 * 1.5   # CE to class 0 + cost |m|_1
-    assert nc_loss(logits, 0, mask, 0.1).item() == pytest.approx(expect, rel=1e-6)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]])  # two images per class, classes 0 and 1
+    masks = torch.stack([mask, torch.ones(1, 4, 4)])
+    expect0 = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2 + 0.1 * 1.5   # CE to class 0 + cost |m|_1
+    expect1 = (math.log(2) + math.log(1 + math.exp(1))) / 2 + 0.2 * 16                   # CE to class 1 + its cost |m|_1
+    got = nc_loss(logits, torch.tensor([0, 0, 1, 1]), masks, torch.tensor([0.1, 0.2]))
+    assert got.tolist() == pytest.approx([expect0, expect1], rel=1e-6)
     assert to_unit(torch.tensor(0.0)) == 0.5 and 0 < to_unit(torch.tensor(-5.0)) < to_unit(torch.tensor(5.0)) < 1
 
 
