@@ -158,7 +158,7 @@ FT_AT = dict(  # the blind baseline: exactly FT's recipe, with the adversarial s
     adv_steps=5,               # PGD steps (SAU's adv_steps)
 )
 NC_PASSES = 20                 # NC's passes over 1000 images per class: what fits 5 minutes a cell here (see results/README.md)
-MCR_EPOCHS = 40               # the reference's 100 curve epochs take 7 minutes a cell here (results/README.md: the effect)
+MCR_EPOCHS = 40               # the reference's 100 curve epochs take 6 minutes a cell here (results/README.md: the effect)
 DEFENSES = {
     'ft': FT,
     'nad': NAD,
@@ -192,7 +192,7 @@ DEFENSES = {
     # Neural Cleanse (Wang et al., S&P 2019), reverse engineering as VinAIResearch's neural_cleanse (Adam lr 0.1
     # betas 0.5/0.9, batch 64, cost 1e-3 x2 / 2**1.5 after 5 passes, success bound 99%, early stop 25 passes),
     # the mask's L1 norm as the paper; unlearning as the paper: 1 epoch, 20% of each batch stamped with the
-    # reversed trigger at true labels (its lr is not given: BackdoorBench's NC lr 0.01), FT's other settings
+    # reversed trigger at true labels (its lr is not given: BackdoorBench's NC lr 0.01); FT's SGD, crop + flip
     'nc': dict(label='NC', blind=True, script='main_ft.py', module='nc',
                epochs=1, lr=0.01, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',
                schedule='constant', augment=True, drop_last=True, cutout=0,  # its share: DEFENSE's adv_share, the paper's 20%
