@@ -39,6 +39,27 @@ ATTACK = dict(
     trigger_path=None,         # trojanTrigger: .npz added or an image stamped (required); blendedTrigger: an image (None: fixed noise)
 )
 
+# The label-consistent attack (lcTrigger; Turner, Tsipras & Madry 2019): only target-class training images are
+# poisoned and keep their labels; each is first pushed away from its class by PGD on an adversarially robust
+# model (label_consistent.py), then stamped with the four-corner trigger. Test images carry the trigger only.
+LABEL_CONSISTENT = dict(
+    amplitude=32,              # trigger: +-32/255 on each 3x3 corner pattern (the official README's reduced amplitude; the paper sweeps 16-64)
+    eps=8,                     # PGD bound, /255 L_inf (the PyTorch reference's craft.yaml, the paper's eps 8)
+    step=1.5,                  # PGD step, /255 (craft.yaml)
+    steps=100,                 # PGD steps (craft.yaml)
+    craft_batch=512,           # images per PGD batch (craft.yaml's loader)
+    # the robust model: fast adversarial training (FGSM from a random start; locuslab/fast_adversarial's
+    # train_fgsm.py, which the PyTorch reference points to), the zoo's architecture on the clean training set
+    robust_epochs=15,          # train_fgsm.py
+    robust_lr=0.2,             # its cyclic schedule's peak, reached mid-run (0 at both ends), here set per epoch
+    robust_batch=128,          # train_fgsm.py
+    robust_weight_decay=5e-4,  # train_fgsm.py
+    robust_eps=8,              # /255, train_fgsm.py
+    robust_alpha=10,           # FGSM step /255 (1.25 eps), train_fgsm.py
+    robust_check=1000,         # test images its clean and PGD accuracy are reported on
+    robust_check_steps=10,     # PGD steps of that check (step 2/255: train_fgsm.py's pgd_alpha)
+)
+
 # ============================================================================ every training script
 TRAINING = dict(
     eval_every=1,              # score the test sets every k epochs (always after the last)

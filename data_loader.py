@@ -50,7 +50,7 @@ def _is_image_folder(root):
 
 
 def _cached(root, key, build, verbose):
-    path = _cache_path(root, key)
+    path = cache_path(root, f'decoded_{key}')
     fingerprint = data_fingerprint(root)
     if os.path.exists(path):
         try:
@@ -70,12 +70,14 @@ def _cached(root, key, build, verbose):
     return data
 
 
-def _cache_path(root, key):
+def cache_path(root, name):
+    """Where something made from the data set at root is kept (decoded images, the label-consistent
+    attack's robust model and images): beside the data, or in ~/.cache/backdoor-erasing when that is read-only."""
     root = os.path.abspath(root)
     if os.path.isdir(root) and os.access(root, os.W_OK):
-        return os.path.join(root, f'.decoded_{key}.pt')
+        return os.path.join(root, f'.{name}.pt')
     digest = hashlib.sha1(root.encode()).hexdigest()[:12]
-    return os.path.join(os.path.expanduser('~/.cache/backdoor-erasing'), f'{digest}_{key}.pt')
+    return os.path.join(os.path.expanduser('~/.cache/backdoor-erasing'), f'{digest}_{name}.pt')
 
 
 def data_fingerprint(root):
@@ -166,6 +168,9 @@ def make_attack(args, image_size, num_classes, meta_attack=None):
     attack = {k: resolve(args, k, meta_attack.get(k)) for k in config.ATTACK if k != 'trigger_path'}
     if not 0 <= attack['target_label'] < num_classes:
         raise UserError(f"target label {attack['target_label']} is outside [0, {num_classes})")
+    if attack['trigger_type'] == 'lcTrigger' and attack['target_type'] != 'cleanLabel':
+        raise UserError('lcTrigger is the label-consistent attack: it poisons target-class images only, '
+                        'labels kept (add --target_type cleanLabel)')
     same_trigger = (meta_attack.get('trigger_type') == attack['trigger_type']
                     and meta_attack.get('trig_w') == attack['trig_w'] and meta_attack.get('trig_h') == attack['trig_h']
                     and 'trigger_path' not in getattr(args, 'given', ()))
@@ -180,12 +185,13 @@ def make_attack(args, image_size, num_classes, meta_attack=None):
     return attack
 
 
-def poison_train_set(x, y, attack, num_classes, seed, static=False):
+def poison_train_set(x, y, attack, num_classes, seed, static=False, hard=None):
     """Poison attack['inject_portion'] of the set (of the target class for cleanLabel).
 
     Returns (x_poisoned, y_poisoned, poisoned_indices); the chosen indices depend on seed only.
     Triggers applied per batch (WaNet) leave the stored set clean (see batch_poisoner), unless static
-    (DatasetBD's copy: the share warped once).
+    (DatasetBD's copy: the share warped once). hard: a copy of x whose poisoned images are stamped
+    instead of x's (the label-consistent attack's PGD images, label_consistent.hard_images).
     """
     if attack['trigger']['trigger_type'] in PER_BATCH and not static:
         return x, y, torch.zeros(0, dtype=torch.long)
@@ -195,7 +201,7 @@ def poison_train_set(x, y, attack, num_classes, seed, static=False):
     n = int(len(pool) * attack['inject_portion'])
     idx = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
     x, y = x.clone(), y.clone()
-    x[idx] = apply_trigger(attack['trigger'], x[idx], generator=g)
+    x[idx] = apply_trigger(attack['trigger'], (x if hard is None else hard)[idx], generator=g)
     y[idx] = poisoned_labels(y[idx], attack, num_classes)
     return x, y, idx
 
@@ -464,10 +470,11 @@ class DatasetBD(Dataset):
     scored on; 0: the references' clean test set, which leaves the target class out). Items are
     (transform(HWC uint8 array), label), or (HWC uint8 tensor, label) without a transform; self.x and
     self.y hold the whole set as tensors. device and distance are the references' arguments: the
-    triggers here keep their 1-pixel distance and the images stay on the CPU for a DataLoader."""
+    triggers here keep their 1-pixel distance and the images stay on the CPU for a DataLoader. hard_images:
+    lcTrigger's training set needs the label-consistent attack's PGD images (label_consistent.hard_images)."""
 
     def __init__(self, opt, full_dataset, inject_portion, transform=None, mode='train', device=torch.device('cpu'),
-                 distance=1):
+                 distance=1, hard_images=None):
         if mode not in ('train', 'test'):
             raise ValueError(f"mode must be 'train' or 'test', got '{mode}'")
         if distance != 1:
@@ -476,8 +483,11 @@ class DatasetBD(Dataset):
         num_classes, seed = _class_count(opt, full_dataset, y), getattr(opt, 'seed', 0)
         flags = SimpleNamespace(**{k: getattr(opt, k, v) for k, v in config.ATTACK.items()}, seed=seed)
         attack = dict(make_attack(flags, x.shape[1], num_classes), inject_portion=inject_portion)
+        if mode == 'train' and attack['trigger_type'] == 'lcTrigger' and hard_images is None:
+            raise ValueError('lcTrigger stamps the label-consistent attack\'s PGD images: pass hard_images '
+                             '(label_consistent.hard_images)')
         if mode == 'train':
-            x, y, self.poisoned = poison_train_set(x, y, attack, num_classes, seed, static=True)
+            x, y, self.poisoned = poison_train_set(x, y, attack, num_classes, seed, static=True, hard=hard_images)
         else:
             test = make_test_sets(x, y, attack, num_classes, seed)
             keep = test['nontarget']

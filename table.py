@@ -30,6 +30,8 @@ ATTACKS = {
     'sig-cl': ['--trigger_type', 'signalTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.8],
     'wanet': ['--trigger_type', 'wanetTrigger'],              # per batch, with noise mode
     'trojan': ['--trigger_type', 'trojanTrigger'],
+    # label-consistent (Turner et al.): PGD images of half the target class (the PyTorch reference's poison_ratio)
+    'lc': ['--trigger_type', 'lcTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.5],
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from checkpoints import make_meta
 from cli import main_guard, parse_args
 from config import BADNET_RECIPES
-from data_loader import RunData, batch_poisoner, poison_train_set, train_batches
+from data_loader import RunData, batch_poisoner, first_rank_first, poison_train_set, train_batches
 from device import compiled, data_parallel, end_distributed, prepare_model, setup
 from files import check_writable
+from label_consistent import hard_images
 from metrics import summary_line
 from models import select_model
 from training import Steps, fit
@@ -53,7 +54,11 @@ def main():
     t0 = time.time()
     data = RunData(args, device)
     attack = data.attack
-    x, y, poisoned = poison_train_set(data.x_train, data.y_train, attack, data.num_classes, args.seed)
+    meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
+    hard = None
+    if attack['trigger_type'] == 'lcTrigger':  # the label-consistent attack stamps PGD images of the target class
+        hard, meta['label_consistent'] = first_rank_first(lambda: hard_images(args, data, device))  # made once
+    x, y, poisoned = poison_train_set(data.x_train, data.y_train, attack, data.num_classes, args.seed, hard=hard)
     poison = batch_poisoner(attack, data.num_classes)
     what = f"{attack['inject_portion']:g} of each batch" if poison else f'{len(poisoned)}'
     print(f"{args.dataset}: {len(y)} training images, {what} poisoned with {attack['trigger_type']} "
@@ -70,7 +75,6 @@ def main():
                                           augment_data=augment, shard=(args.rank, args.world_size), poison=poison)
     milestones = [round(f * args.epochs) for f in recipe['milestones']]
     lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
-    meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
     metrics = fit(args, model, Steps(batches, loss_fn), lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
                   meta=meta, nesterov=recipe['nesterov'], tag='badnet')
     end_distributed(args)

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import config
+
 TRIGGERS = ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger',
             'blendTrigger', 'blendedTrigger', 'randomPixelTrigger', 'signalTrigger', 'signalPaperTrigger',
-            'trojanTrigger', 'wanetTrigger')
+            'trojanTrigger', 'wanetTrigger', 'lcTrigger')
 
 BLEND_ALPHA = 0.2        # every blend of the references: 0.8 image + 0.2 pattern
 BLEND_NOISE_SEED = 1234  # blendedTrigger's default pattern is the same noise image for every run
@@ -32,6 +34,9 @@ SIG_MASK_ROW = (0, 14, 19, 13, 255, 241, 237, 244, 2, 15, 19, 11, 253, 240, 237,
 GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))      # bottom-right corner
 CORNER = ((255, 0, 255), (0, 255, 0), (255, 0, 0))    # other corners (reference rows 1..3); MCL's centre patch too
 ARGD_CENTER = ((255, 128, 255), (128, 255, 128), (255, 128, 128))  # ARGD's gridTrigger; MCL's blend patch
+# The label-consistent attack's top-left 3x3 signs (MadryLab's 'all-corners', rows top to bottom): the
+# bottom corners repeat it, the right ones mirror it left to right (a flipped image keeps a trigger)
+LC_CORNER = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))
 
 
 class TriggerError(ValueError):
@@ -97,6 +102,14 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
             pattern = read_pattern_image(trigger_path, image_size).flip(-1).contiguous()
             mask = pattern != 0  # per channel value, as numpy's nonzero on the (H, W, 3) pattern
             rule = 'stamp'
+    elif trigger_type == 'lcTrigger':  # +-amplitude added to each corner's 3x3 signs, clipped
+        signs = torch.tensor(LC_CORNER, dtype=torch.float32)
+        pattern = torch.zeros(h, w, 3)
+        for rows in (slice(0, 3), slice(h - 3, h)):
+            pattern[rows, :3] = signs[..., None]
+            pattern[rows, w - 3:] = signs.flip(1)[..., None]
+        pattern *= config.LABEL_CONSISTENT['amplitude']
+        mask = pattern[..., 0] != 0
     elif trigger_type == 'wanetTrigger':
         g = torch.Generator().manual_seed(seed)
         ins = torch.rand(1, 2, WANET_K, WANET_K, generator=g) * 2 - 1
@@ -159,6 +172,8 @@ def apply_trigger(trigger, x, generator=None):
         return (x.double() + pattern.to(x.device, torch.float64)[None]).trunc().long().remainder(256).to(torch.uint8)
     if kind == 'signalPaperTrigger':
         return (x.float() + pattern.to(x.device)[None]).round().clamp(0, 255).to(torch.uint8)
+    if kind == 'lcTrigger':  # the reference adds in float32, clips, and stores uint8 (truncation)
+        return (x.float() + pattern.to(x.device)[None]).clamp(0, 255).to(torch.uint8)
     if kind == 'wanetTrigger':
         return warp(x, pattern.to(x.device)[None])
     raise TriggerError(f"unknown trigger '{kind}'")

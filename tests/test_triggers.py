@@ -47,6 +47,27 @@ def test_four_corner_and_center_triggers():
     assert out[0, 18:21, 18:21, 2].tolist() == [[255, 128, 255], [128, 255, 128], [255, 128, 128]]
 
 
+def test_label_consistent_trigger_is_madrylabs_all_corners_pattern_at_reduced_amplitude():
+    """MadryLab's 'all-corners' signs (top-left rows +--, -+-, +-+; bottom corners the same rows, right
+    corners mirrored), +-32 added to every channel, clipped to [0, 255]; no other pixel changes."""
+    top_left = [[1, -1, -1], [-1, 1, -1], [1, -1, 1]]
+    top_right = [row[::-1] for row in top_left]
+    pix, out = changed_pixels('lcTrigger')
+    assert pix == block(0, 0) | block(0, 29) | block(29, 0) | block(29, 29)
+    for r0, c0, signs in ((0, 0, top_left), (0, 29, top_right), (29, 0, top_left), (29, 29, top_right)):
+        for c in range(3):
+            assert out[0, r0:r0 + 3, c0:c0 + 3, c].tolist() == [[100 + 32 * s for s in row] for row in signs]
+    # the reference's own coordinates, (row, col) -> sign, for a few pixels of each corner
+    for (r, c), sign in (((0, 0), 1), ((0, 2), -1), ((2, 2), 1), ((0, -1), 1), ((1, -2), 1), ((1, -3), -1),
+                         ((-1, 0), 1), ((-3, 2), -1), ((-2, 1), 1), ((-1, -1), 1), ((-3, -3), -1), ((-2, -3), -1)):
+        assert out[0, r, c, 0].item() == 100 + 32 * sign
+    dark, bright = grey(1, 10), grey(1, 250)  # clipped at both ends
+    assert apply_trigger(make_trigger('lcTrigger', 32), dark)[0, 0, 1, 0].item() == 0
+    assert apply_trigger(make_trigger('lcTrigger', 32), bright)[0, 0, 0, 0].item() == 255
+    flipped = out.flip(2)  # a horizontally flipped triggered image carries the same trigger
+    assert torch.equal(flipped, apply_trigger(make_trigger('lcTrigger', 32), grey().flip(2)))
+
+
 def reference_blend(img, pattern):
     """The references' numpy blend: (1 - 0.2) * img + 0.2 * pattern, then astype('uint8')."""
     return ((1 - 0.2) * img.numpy() + 0.2 * np.asarray(pattern)).astype('uint8')
@@ -190,4 +211,4 @@ def test_unknown_trigger_and_bad_size():
         make_trigger('nope', 32)
     with pytest.raises(TriggerError):
         make_trigger('squareTrigger', 32, trig_w=40)
-    assert len(TRIGGERS) == 12
+    assert len(TRIGGERS) == 13
