@@ -51,7 +51,7 @@ def _attack(a):
     a('--trig_h', type=int, help="squareTrigger: the square's extent across the image, in columns")
     a('--trigger_path', help="trojanTrigger's pattern (required): an .npz added as the references add "
       "best_square_trigger_cifar10.npz, or an image stamped as MCL stamps trigger_gtsrb.png; blendedTrigger's "
-      'image (default: a fixed noise image)')
+      "image (default: a fixed noise image); refoolTrigger's reflections: another data set's image folder")
 
 
 def _schedule(a):
@@ -170,6 +170,8 @@ def _table_run(a):
     a('--skip_retune', action='store_true', help="don't run the retuning attack on each cell's model")
     a('--trojan_pattern', help="the trojan row's additive pattern: the references' "
       'trigger/best_square_trigger_cifar10.npz (not shipped here)')
+    a('--refool_source', help="the refool row's reflections: another data set's image folder (GTSRB's for "
+      "CIFAR-10, CIFAR-10's for GTSRB), where the row's model is trained here")
 
 
 def _plot(a):

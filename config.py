@@ -36,7 +36,7 @@ ATTACK = dict(
     inject_portion=0.1,        # poisoned fraction of the training set (cleanLabel: of the target class); 0 = clean control
     trig_w=3,                  # squareTrigger rows
     trig_h=3,                  # squareTrigger columns
-    trigger_path=None,         # trojanTrigger: .npz added or an image stamped (required); blendedTrigger: an image (None: fixed noise)
+    trigger_path=None,         # trojanTrigger: .npz added or an image stamped (required); blendedTrigger: an image (None: fixed noise); refoolTrigger: another data set's folder
 )
 
 # The label-consistent attack (lcTrigger; Turner, Tsipras & Madry 2019): only target-class training images are
@@ -58,6 +58,24 @@ LABEL_CONSISTENT = dict(
     robust_alpha=10,           # FGSM step /255 (1.25 eps), train_fgsm.py
     robust_check=1000,         # test images its clean and PGD accuracy are reported on
     robust_check_steps=10,     # PGD steps of that check (step 2/255: train_fgsm.py's pgd_alpha)
+)
+
+# Refool, the reflection backdoor (refoolTrigger; Liu et al., ECCV 2020, DreamtaleCore/Refool): reflection layers
+# made from another data set's images (the paper's PascalVOC cannot be downloaded here: --trigger_path names it),
+# the candidates chosen by their measured effect, blended into a share of the target class's images (labels kept)
+REFOOL = dict(
+    candidates=200,            # reflection candidates the strategy weighs (strategy.py's n_images)
+    rounds=3,                  # strategy rounds, each training a proxy model (the reference's 16: a 2-core CPU)
+    proxy_epochs=5,            # epochs of each round's proxy model (the zoo's recipe, its milestones scaled)
+    proxy_test=2000,           # non-target test images each round scores the reflections on
+    alpha_t=(0.55, 0.95),      # transmission weight, 1 - U(0.05, 0.45) (insert_reflection.py)
+    sigma=(1.0, 5.0),          # out-of-focus model: Gaussian blur sigma range
+    offset=(3, 8),             # ghost model: shift of the second reflection, pixels per axis (at the image's size, as BackdoorBench)
+    ghost_alpha=(0.15, 0.5),   # ghost model: weight of one copy, |switch - U(0.15, 0.5)|
+    gamma=2.2,                 # reflections are added in linear light
+    brightest=0.1,             # a candidate's blended image must reach 10% of full brightness
+    reflection_share=0.8,      # ... and its reflection layer stay below 0.8x the rest's mean (the transmission dominates)
+    ssim=(0.70, 0.85),         # ... and its SSIM to the transmission layer lie in this band (not too alike, not too far)
 )
 
 # ============================================================================ every training script
@@ -292,6 +310,7 @@ RUN_TABLE = dict(
     workers=1,                 # worker processes here (one GPU each when there are several)
     epochs=None,               # backdoor training epochs; None: train_badnet.py's
     trojan_pattern=None,       # the trojan row's pattern: the references' best_square_trigger_cifar10.npz
+    refool_source=None,        # the refool row's reflections: another data set's image folder (GTSRB for CIFAR-10)
     skip_retune=False,         # do not re-tune each cell's model (retune.py: ASR after re-tuning)
 )
 PLOT_CURVES = dict(

@@ -162,8 +162,9 @@ def seeded(seed, stream, device='cpu'):
     return torch.Generator(device=device).manual_seed((seed * 1000003 + zlib.crc32(stream.encode())) % 2 ** 62)
 
 
-def make_attack(args, image_size, num_classes, meta_attack=None):
-    """Resolve the attack: a flag given, else the checkpoint's meta, else config.ATTACK."""
+def make_attack(args, image_size, num_classes, meta_attack=None, trigger=None):
+    """Resolve the attack: a flag given, else the checkpoint's meta, else config.ATTACK; trigger: the trigger
+    itself where no flag can describe it (Refool's reflections, refool.reflection_trigger)."""
     meta_attack = meta_attack or {}
     attack = {k: resolve(args, k, meta_attack.get(k)) for k in config.ATTACK if k != 'trigger_path'}
     if not 0 <= attack['target_label'] < num_classes:
@@ -174,7 +175,9 @@ def make_attack(args, image_size, num_classes, meta_attack=None):
     same_trigger = (meta_attack.get('trigger_type') == attack['trigger_type']
                     and meta_attack.get('trig_w') == attack['trig_w'] and meta_attack.get('trig_h') == attack['trig_h']
                     and 'trigger_path' not in getattr(args, 'given', ()))
-    if same_trigger and 'trigger' in meta_attack:  # the model's own generated trigger (WaNet grid, blend noise)
+    if trigger is not None:
+        attack['trigger'] = trigger
+    elif same_trigger and 'trigger' in meta_attack:  # the model's own generated trigger (WaNet grid, blend noise)
         attack['trigger'] = meta_attack['trigger']
     else:
         try:
@@ -408,7 +411,7 @@ class RunData:
     """What every script needs of the data: the training set (CPU), class count, image size,
     normaliser, resolved attack and the test sets on the device."""
 
-    def __init__(self, args, device, meta=None, verbose=True):
+    def __init__(self, args, device, meta=None, verbose=True, trigger=None):
         meta = meta or {}
         args.dataset = resolve(args, 'dataset', meta.get('dataset'))  # a GTSRB model needs no --dataset
         self.image_size = resolve(args, 'image_size', meta.get('image_size')) or config.DATASETS[args.dataset]['size']
@@ -421,7 +424,7 @@ class RunData:
                             f'has {len(self.classes)}')
         self.normalizer = Normalizer(resolve(args, 'normalize', meta.get('normalize')) or default_normalize(args.dataset),
                                      device)
-        self.attack = make_attack(args, self.image_size, self.num_classes, meta.get('attack'))
+        self.attack = make_attack(args, self.image_size, self.num_classes, meta.get('attack'), trigger)
         self.x_train, self.y_train = data['x_train'], data['y_train']
         test = make_test_sets(data['x_test'], data['y_test'], self.attack, self.num_classes, args.seed)
         self.test = {k: v.to(device) if torch.is_tensor(v) else v for k, v in test.items()}
@@ -471,10 +474,11 @@ class DatasetBD(Dataset):
     (transform(HWC uint8 array), label), or (HWC uint8 tensor, label) without a transform; self.x and
     self.y hold the whole set as tensors. device and distance are the references' arguments: the
     triggers here keep their 1-pixel distance and the images stay on the CPU for a DataLoader. hard_images:
-    lcTrigger's training set needs the label-consistent attack's PGD images (label_consistent.hard_images)."""
+    lcTrigger's training set needs the label-consistent attack's PGD images (label_consistent.hard_images);
+    refoolTrigger needs its trigger (a Refool model's meta['attack']['trigger'], or refool.reflection_trigger)."""
 
     def __init__(self, opt, full_dataset, inject_portion, transform=None, mode='train', device=torch.device('cpu'),
-                 distance=1, hard_images=None):
+                 distance=1, hard_images=None, trigger=None):
         if mode not in ('train', 'test'):
             raise ValueError(f"mode must be 'train' or 'test', got '{mode}'")
         if distance != 1:
@@ -482,7 +486,7 @@ class DatasetBD(Dataset):
         x, y = _as_uint8(full_dataset)
         num_classes, seed = _class_count(opt, full_dataset, y), getattr(opt, 'seed', 0)
         flags = SimpleNamespace(**{k: getattr(opt, k, v) for k, v in config.ATTACK.items()}, seed=seed)
-        attack = dict(make_attack(flags, x.shape[1], num_classes), inject_portion=inject_portion)
+        attack = dict(make_attack(flags, x.shape[1], num_classes, trigger=trigger), inject_portion=inject_portion)
         if mode == 'train' and attack['trigger_type'] == 'lcTrigger' and hard_images is None:
             raise ValueError('lcTrigger stamps the label-consistent attack\'s PGD images: pass hard_images '
                              '(label_consistent.hard_images)')

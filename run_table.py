@@ -67,7 +67,7 @@ def mean_std(values):
 
 
 # what only says which model a row starts from
-MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'epochs', 'model_seed', 'model')
+MODEL_KEYS = ('attack', 'zoo', 'trojan_pattern', 'refool_source', 'epochs', 'model_seed', 'model')
 
 
 SHOWN = (('ACC', 'ACC'), ('ACC_target', 'ACC_target'), ('ASR', 'ASR'), ('ASR_retuned', 'ASR re-tuned'),
@@ -210,6 +210,11 @@ def main():
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "
                         "(trigger/best_square_trigger_cifar10.npz of bboylyg/NAD)" +
                         (f", not found: '{args.trojan_pattern}'" if args.trojan_pattern else ''))
+    if 'refool' in attacks and not zoo_model(args, 'refool') and not (args.refool_source and
+                                                                     os.path.isdir(os.path.join(args.refool_source, 'train'))):
+        raise UserError("the refool row needs --refool_source: another data set's image folder, its reflections "
+                        "(GTSRB's for CIFAR-10, CIFAR-10's for GTSRB)" +
+                        (f", not an image folder: '{args.refool_source}'" if args.refool_source else ''))
     cells = all_cells(attacks, seeds, columns)
     if args.shard:
         k, n = parse_shard(args.shard)

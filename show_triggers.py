@@ -11,9 +11,19 @@ import torch
 from cli import main_guard, parse_args
 from errors import UserError
 from data_loader import load_dataset
-from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger
+from refool import reflection_images
+from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger, refool_trigger
 
 SCALE, GAP = 4, 6
+
+
+def reflection_demo(data, image, seed):
+    """Refool's trigger for the gallery: another test image as the reflection, out of focus (sigma 2) at
+    transmission weight 0.7 (a model's own reflections are chosen when it is trained: refool.py)."""
+    other = data['x_test'][(seed + 1) % len(data['x_test'])]
+    _, _, layer = reflection_images(image[0].double() / 255, other.double() / 255, 'blur',
+                                    {'alpha_t': 0.7, 'sigma': 2.0, 'att': 1.1})
+    return refool_trigger(layer[None], torch.ones(1))
 
 
 def main():
@@ -32,7 +42,8 @@ def main():
             path = os.path.join(tmp.name, 'trojan_demo.npy')
             np.save(path, pattern)
         try:
-            trig = make_trigger(kind, size, 3, 3, path if kind == 'trojanTrigger' else None, args.seed)
+            trig = reflection_demo(data, image, args.seed) if kind == 'refoolTrigger' else \
+                make_trigger(kind, size, 3, 3, path if kind == 'trojanTrigger' else None, args.seed)
         except TriggerError as e:
             raise UserError(str(e))
         tiles.append((kind.replace('Trigger', ''), apply_trigger(trig, image, torch.Generator().manual_seed(0))[0]))

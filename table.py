@@ -21,7 +21,8 @@ from files import atomic_write_bytes, content_hash
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# row -> train_badnet.py flags (all2one, target 0); trojan adds --trigger_path <--trojan_pattern>
+# row -> train_badnet.py flags (all2one, target 0); trojan adds --trigger_path <--trojan_pattern>, refool
+# --trigger_path <--refool_source>
 ATTACKS = {
     'badnet': ['--trigger_type', 'gridTrigger'],
     'blended': ['--trigger_type', 'blendedTrigger'],          # whole image, alpha 0.2 (Chen et al.)
@@ -32,6 +33,8 @@ ATTACKS = {
     'trojan': ['--trigger_type', 'trojanTrigger'],
     # label-consistent (Turner et al.): PGD images of half the target class (the PyTorch reference's poison_ratio)
     'lc': ['--trigger_type', 'lcTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.5],
+    # Refool (Liu et al.): reflections of another data set's images (--refool_source) in 40% of the target class
+    'refool': ['--trigger_type', 'refoolTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.4],
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)
@@ -122,7 +125,7 @@ def file_identity(path):
 def data_identity(args):
     """The data set as what it is: its name and a hash of its image-folder fingerprint (class folders and
     file counts; 'torchvision' for a downloaded set), not the folder it was read from."""
-    return f"{args.dataset}:{hashlib.sha1(data_fingerprint(args.data_root).encode()).hexdigest()[:12]}"
+    return f"{args.dataset}:{data_fingerprint_hash(args.data_root)}"
 
 
 def dataset_of(settings):
@@ -136,7 +139,13 @@ def model_settings(args, attack):
     if zoo:
         return dict(attack=attack, zoo=file_identity(zoo).split(':')[1])
     return dict(attack=attack, data=data_identity(args), epochs=args.epochs, model_seed=args.model_seed,
-                trojan_pattern=file_identity(args.trojan_pattern) if attack == 'trojan' else None)
+                trojan_pattern=file_identity(args.trojan_pattern) if attack == 'trojan' else None,
+                **({'refool_source': data_fingerprint_hash(args.refool_source)} if attack == 'refool' else {}))
+
+
+def data_fingerprint_hash(root):
+    """An image folder as what it is (its class folders and file counts), not where it lies."""
+    return hashlib.sha1(data_fingerprint(root).encode()).hexdigest()[:12]
 
 
 def cell_settings(args, attack):
@@ -175,6 +184,7 @@ def row_model(args, attack, watch=None):
     flags = [*common_flags(args, args.model_seed), '--log_root', os.path.dirname(path), *ATTACKS[attack],
              '--target_label', row_target(args, attack),
              *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
+             *(['--trigger_path', args.refool_source] if attack == 'refool' else []),
              *(['--epochs', args.epochs] if args.epochs is not None else [])]
     return path, lambda: built_once(path, 'train_badnet.py', flags, watch)
 

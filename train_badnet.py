@@ -25,6 +25,7 @@ from device import compiled, data_parallel, end_distributed, prepare_model, setu
 from files import check_writable
 from label_consistent import hard_images
 from metrics import summary_line
+from refool import reflection_trigger
 from models import select_model
 from training import Steps, fit
 from utils import step_lr
@@ -52,7 +53,10 @@ def main():
     check_writable(out)
     check_writable(csv_path)
     t0 = time.time()
-    data = RunData(args, device)
+    trigger = None
+    if args.trigger_type == 'refoolTrigger':  # Refool's reflections are chosen first, by their measured effect
+        trigger = first_rank_first(lambda: reflection_trigger(args, device))
+    data = RunData(args, device, trigger=trigger)
     attack = data.attack
     meta = make_meta(args, args.arch, data.num_classes, data.image_size, data.normalizer, attack, 'train_badnet.py')
     hard = None

@@ -15,7 +15,7 @@ import config
 
 TRIGGERS = ('gridTrigger', 'squareTrigger', 'fourCornerTrigger', 'centerTrigger', 'argdCenterTrigger',
             'blendTrigger', 'blendedTrigger', 'randomPixelTrigger', 'signalTrigger', 'signalPaperTrigger',
-            'trojanTrigger', 'wanetTrigger', 'lcTrigger')
+            'trojanTrigger', 'wanetTrigger', 'lcTrigger', 'refoolTrigger')
 
 BLEND_ALPHA = 0.2        # every blend of the references: 0.8 image + 0.2 pattern
 BLEND_NOISE_SEED = 1234  # blendedTrigger's default pattern is the same noise image for every run
@@ -110,6 +110,10 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
             pattern[rows, w - 3:] = signs.flip(1)[..., None]
         pattern *= config.LABEL_CONSISTENT['amplitude']
         mask = pattern[..., 0] != 0
+    elif trigger_type == 'refoolTrigger':
+        raise TriggerError("refoolTrigger's reflections are chosen when a Refool model is trained (train_badnet.py "
+                           '--trigger_type refoolTrigger --trigger_path <another data set>, refool.py); a Refool '
+                           "model's checkpoint carries them")
     elif trigger_type == 'wanetTrigger':
         g = torch.Generator().manual_seed(seed)
         ins = torch.rand(1, 2, WANET_K, WANET_K, generator=g) * 2 - 1
@@ -121,6 +125,23 @@ def make_trigger(trigger_type, image_size, trig_w=3, trig_h=3, trigger_path=None
         pattern = torch.clamp(identity + WANET_S * noise / h, -1, 1)[0]  # the sampling grid (H, W, 2)
     trigger = {'trigger_type': trigger_type, 'trig_w': trig_w, 'trig_h': trig_h, 'mask': mask, 'pattern': pattern}
     return dict(trigger, rule=rule) if rule else trigger
+
+
+def refool_trigger(reflections, weights):
+    """Refool's trigger: reflection layers (K, H, W, 3) uint8, each test or poisoned image blended with one drawn
+    in proportion to weights (K,) (refool.py chooses both)."""
+    h, w = reflections.shape[1:3]
+    return {'trigger_type': 'refoolTrigger', 'trig_w': 3, 'trig_h': 3, 'mask': torch.zeros(h, w, dtype=torch.bool),
+            'pattern': reflections, 'weights': weights.double()}
+
+
+def reflect(x, r):
+    """Refool's blend (strategy.py's blend_image) of uint8 images x with reflections r, both (N, H, W, C): weights
+    in proportion to each image's mean brightness, in float64, clipped and truncated to uint8 as the reference."""
+    x, r = x.double(), r.to(x.device).double()
+    mx, mr = x.mean((1, 2, 3), keepdim=True), r.mean((1, 2, 3), keepdim=True)
+    total = (mx + mr).clamp_min(1e-12)  # two black images: x kept
+    return ((mx / total * x / 255 + mr / total * r / 255).clamp(0, 1) * 255).to(torch.uint8)
 
 
 def read_pattern_image(path, image_size):
@@ -172,6 +193,9 @@ def apply_trigger(trigger, x, generator=None):
         return (x.double() + pattern.to(x.device, torch.float64)[None]).trunc().long().remainder(256).to(torch.uint8)
     if kind == 'signalPaperTrigger':
         return (x.float() + pattern.to(x.device)[None]).round().clamp(0, 255).to(torch.uint8)
+    if kind == 'refoolTrigger':  # a reflection per image, drawn by the weights
+        pick = torch.multinomial(trigger['weights'].to(x.device), len(x), replacement=True, generator=generator)
+        return reflect(x, pattern.to(x.device)[pick])
     if kind == 'lcTrigger':  # the reference adds in float32, clips, and stores uint8 (truncation)
         return (x.float() + pattern.to(x.device)[None]).clamp(0, 255).to(torch.uint8)
     if kind == 'wanetTrigger':

@@ -211,4 +211,4 @@ def test_unknown_trigger_and_bad_size():
         make_trigger('nope', 32)
     with pytest.raises(TriggerError):
         make_trigger('squareTrigger', 32, trig_w=40)
-    assert len(TRIGGERS) == 13
+    assert len(TRIGGERS) == 14
