@@ -58,10 +58,10 @@ def robust_model(args, data, device):
     key = _key(data=data_fingerprint(args.data_root), dataset=args.dataset, size=data.image_size, arch=args.arch,
                normalize=data.normalizer.values, seed=args.seed, amp=args.amp, **robust)
     path = cache_path(args.data_root, f'lc_robust_{key}')
+    torch.manual_seed(args.seed)
     model = prepare_model(select_model(args.arch, data.num_classes), device)
     if os.path.exists(path):
-        state = torch.load(path, weights_only=True, map_location='cpu')
-        model.load_state_dict(state['state_dict'])
+        model.load_state_dict(torch.load(path, weights_only=True, map_location='cpu')['state_dict'])
         print(f'robust model (label-consistent attack) read from {path}')
         return model.eval(), path
     print(f"training the robust model (FGSM from a random start, eps {HYP['robust_eps']}/255, "
@@ -70,8 +70,6 @@ def robust_model(args, data, device):
         epochs=HYP['robust_epochs'], batch_size=HYP['robust_batch'], weight_decay=HYP['robust_weight_decay'],
         momentum=0.9, resume=True, key=key, seed=args.seed, amp=args.amp, eval_subset=args.eval_subset,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, rank=getattr(args, 'rank', 0))
-    torch.manual_seed(args.seed)
-    model = prepare_model(select_model(args.arch, data.num_classes), device)
     stream = {}
     unit = Normalizer('none', device)  # batches in [0,1]: the perturbation is added before normalising
     loss = fgsm_rs_loss(model, data.normalizer.normalize_float, HYP['robust_eps'] / 255, HYP['robust_alpha'] / 255,
