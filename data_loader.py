@@ -284,12 +284,12 @@ def clean_subset(x, y, ratio, seed):
     return x[idx], y[idx]
 
 
-def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed):
+def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed, hard=None):
     """The retuning attack's data: a seeded `ratio` of the training set, cut from the same order as the
     defender's subset right after it (so the two never share an image), with `poisoned` of its
     images (the first that the attack can poison: not of the target class for label-flipping attacks,
     of it for cleanLabel) carrying the model's trigger and label. Returns (x, y, indices into the
-    training set, positions of the poisoned images)."""
+    training set, positions of the poisoned images). hard: as poison_train_set's (the images stamped instead)."""
     order = clean_subset_order(len(y), seed)
     start, wanted = subset_size(len(y), defense_ratio), subset_size(len(y), ratio)
     if start + wanted > len(y):  # never a silent cap: the share asked for is the share used
@@ -303,7 +303,7 @@ def retune_set(x, y, attack, num_classes, defense_ratio, ratio, poisoned, seed):
     pos = torch.nonzero(eligible).flatten()[:poisoned]
     if len(pos) < poisoned:
         raise UserError(f'the retuning set has only {len(pos)} images the attack can poison, {poisoned} asked for')
-    x[pos] = apply_trigger(attack['trigger'], x[pos], generator=seeded(seed, 'retune'))
+    x[pos] = apply_trigger(attack['trigger'], (x if hard is None else hard[idx])[pos], generator=seeded(seed, 'retune'))
     y[pos] = poisoned_labels(y[pos], attack, num_classes)
     return x, y, idx, pos
 

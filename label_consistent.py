@@ -139,6 +139,22 @@ def hard_images(args, data, device):
         cached = {'indices': pool, 'images': images, 'info': dict(info, **pgd, key=key)}
         atomic_save(cached, path)
         print(f'label-consistent PGD images of class {target} cached in {path}')
-    hard = data.x_train.clone()
-    hard[pool] = cached['images']
-    return hard, cached['info']
+    return with_images(data.x_train, cached), cached['info']
+
+
+def with_images(x, cached):
+    """A copy of the training images x with the cached PGD images in their places."""
+    hard = x.clone()
+    hard[cached['indices']] = cached['images']
+    return hard
+
+
+def cached_hard_images(args, x, trigger):
+    """The PGD images a label-consistent model was trained with (its trigger names their cache), for the
+    retuning attack's poison: x with them in place, or None (with a warning) where this data folder lacks them."""
+    path = cache_path(args.data_root, f"lc_images_{trigger.get('hard_images')}")
+    if not os.path.exists(path):
+        print(f'warning: the label-consistent PGD images are not cached at {path}: the poisoned images carry '
+              'the trigger only (train_badnet.py makes them)')
+        return None
+    return with_images(x, torch.load(path, weights_only=True, map_location='cpu'))

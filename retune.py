@@ -18,6 +18,7 @@ from checkpoints import load_given_model
 from cli import main_guard, parse_args
 from data_loader import RunData, retune_set, train_batches
 from files import check_writable
+from label_consistent import cached_hard_images
 from metrics import summary_line
 from training import Steps, fit
 
@@ -30,8 +31,10 @@ def main():
     for path in [csv_path] + ([args.output] if args.output else []):
         check_writable(path)
     data = RunData(args, device, meta)
+    trigger = data.attack['trigger']  # a label-consistent attack's poison is its PGD images, stamped
+    hard = cached_hard_images(args, data.x_train, trigger) if trigger['trigger_type'] == 'lcTrigger' else None
     x, y, _, poisoned = retune_set(data.x_train, data.y_train, data.attack, data.num_classes, args.ratio,
-                                   args.retune_ratio, args.poisoned, args.seed)
+                                   args.retune_ratio, args.poisoned, args.seed, hard=hard)
     print(f"retuning set: {len(y)} training images ({args.retune_ratio:g}), {len(poisoned)} poisoned with "
           f"{data.attack['trigger_type']}, none in the defender's subset ({args.ratio:g}, seed {args.seed})")
     x, y = x.to(device), y.to(device)

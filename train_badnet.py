@@ -62,6 +62,7 @@ def main():
     hard = None
     if attack['trigger_type'] == 'lcTrigger':  # the label-consistent attack stamps PGD images of the target class
         hard, meta['label_consistent'] = first_rank_first(lambda: hard_images(args, data, device))  # made once
+        meta['attack']['trigger']['hard_images'] = meta['label_consistent']['key']  # the retuning attack's poison too
     x, y, poisoned = poison_train_set(data.x_train, data.y_train, attack, data.num_classes, args.seed, hard=hard)
     poison = batch_poisoner(attack, data.num_classes)
     what = f"{attack['inject_portion']:g} of each batch" if poison else f'{len(poisoned)}'

@@ -94,7 +94,7 @@ def test_label_consistent_needs_clean_label():
 @pytest.mark.slow
 def test_train_badnet_makes_the_robust_model_and_images_once(image_folder, tmp_path):
     """The first run trains the robust model and crafts the images into the data folder and records what it
-    made in the model's meta; a second run reads both from there."""
+    made in the model's meta (the retuning attack finds the images by it); a second run reads both from there."""
     root = str(tmp_path / 'data')
     shutil.copytree(image_folder, root, ignore=shutil.ignore_patterns('.*'))
     flags = ['--dataset', 'ImageFolder', '--data_root', root, '--arch', 'WRN-10-1', '--batch_size', 32, '--lr', 0.05,
@@ -110,6 +110,10 @@ def test_train_badnet_makes_the_robust_model_and_images_once(image_folder, tmp_p
     info = meta['label_consistent']
     assert 0 <= info['robust_PGD_ACC'] <= 100 and info['eps'] == HYP['eps'] and info['steps'] == HYP['steps']
     assert meta['attack']['target_type'] == 'cleanLabel' and meta['attack']['trigger_type'] == 'lcTrigger'
+    assert meta['attack']['trigger']['hard_images'] == info['key']
+    r = run_script('retune.py', '--model', tmp_path / 'a.tar', '--data_root', root, '--epochs', 1, '--log_root',
+                   tmp_path, '--threads', 1, '--retune_ratio', 0.2)  # its poison: the cached PGD images, stamped
+    assert r.returncode == 0 and 'warning' not in r.stdout, r.stderr
     r = run_script('train_badnet.py', *flags, '--epochs', 1, '--output', tmp_path / 'b.tar')
     assert r.returncode == 0, r.stderr
     assert 'read from' in r.stdout and 'training the robust model' not in r.stdout and 'PGD images' not in r.stdout
@@ -117,3 +121,24 @@ def test_train_badnet_makes_the_robust_model_and_images_once(image_folder, tmp_p
     r = run_script('train_badnet.py', *flags, '--target_type', 'all2one', '--output', tmp_path / 'c.tar')
     assert r.returncode != 0 and 'cleanLabel' in r.stderr and 'Traceback' not in r.stderr
     assert not os.path.exists(tmp_path / 'c.tar')
+
+
+def test_the_retuning_attack_stamps_the_cached_pgd_images(image_folder, tmp_path):
+    """retune_set with hard images stamps them (and only its poisoned positions); without the cache the
+    retuning attack says so and stamps the clean images."""
+    from data_loader import retune_set
+    from label_consistent import cached_hard_images
+    data = load_dataset('ImageFolder', image_folder, verbose=False)
+    x, y = data['x_train'], data['y_train']
+    flags = SimpleNamespace(trigger_type='lcTrigger', target_type='cleanLabel', target_label=1, inject_portion=0.5,
+                            trig_w=3, trig_h=3, trigger_path=None, seed=0, given=set())
+    attack = make_attack(flags, 32, 4)
+    hard = (x.long() + 8).clamp(0, 255).to(torch.uint8)
+    xr, yr, idx, pos = retune_set(x, y, attack, 4, 0.05, 0.2, 3, 0, hard=hard)
+    assert len(pos) == 3 and (yr[pos] == 1).all()
+    assert torch.equal(xr[pos], apply_trigger(attack['trigger'], hard[idx][pos]))
+    rest = torch.ones(len(idx), dtype=torch.bool)
+    rest[pos] = False
+    assert torch.equal(xr[rest], x[idx][rest])
+    args = SimpleNamespace(data_root=str(tmp_path))
+    assert cached_hard_images(args, x, dict(attack['trigger'], hard_images='absent')) is None
