@@ -210,8 +210,8 @@ def main():
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "
                         "(trigger/best_square_trigger_cifar10.npz of bboylyg/NAD)" +
                         (f", not found: '{args.trojan_pattern}'" if args.trojan_pattern else ''))
-    if 'refool' in attacks and not zoo_model(args, 'refool') and not (args.refool_source and
-                                                                     os.path.isdir(os.path.join(args.refool_source, 'train'))):
+    source = args.refool_source and os.path.isdir(os.path.join(args.refool_source, 'train'))
+    if 'refool' in attacks and not zoo_model(args, 'refool') and not source:  # a zoo's Refool model carries its reflections
         raise UserError("the refool row needs --refool_source: another data set's image folder, its reflections "
                         "(GTSRB's for CIFAR-10, CIFAR-10's for GTSRB)" +
                         (f", not an image folder: '{args.refool_source}'" if args.refool_source else ''))

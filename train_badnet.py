@@ -25,8 +25,8 @@ from device import compiled, data_parallel, end_distributed, prepare_model, setu
 from files import check_writable
 from label_consistent import hard_images
 from metrics import summary_line
-from refool import reflection_trigger
 from models import select_model
+from refool import reflection_trigger
 from training import Steps, fit
 from utils import step_lr
 
