@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger
 
 
@@ -47,20 +48,24 @@ def test_four_corner_and_center_triggers():
     assert out[0, 18:21, 18:21, 2].tolist() == [[255, 128, 255], [128, 255, 128], [255, 128, 128]]
 
 
-def test_label_consistent_trigger_is_madrylabs_all_corners_pattern_at_reduced_amplitude():
+def test_label_consistent_trigger_is_madrylabs_all_corners_pattern_at_the_configured_amplitude():
     """MadryLab's 'all-corners' signs (top-left rows +--, -+-, +-+; bottom corners the same rows, right
-    corners mirrored), +-32 added to every channel, clipped to [0, 255]; no other pixel changes."""
+    corners mirrored), +-amplitude (config) added to every channel, clipped to [0, 255]; no other pixel changes."""
+    amplitude = config.LABEL_CONSISTENT['amplitude']
+
+    def stamped(sign):  # a grey 100 pixel under the pattern
+        return min(max(100 + amplitude * sign, 0), 255)
     top_left = [[1, -1, -1], [-1, 1, -1], [1, -1, 1]]
     top_right = [row[::-1] for row in top_left]
     pix, out = changed_pixels('lcTrigger')
     assert pix == block(0, 0) | block(0, 29) | block(29, 0) | block(29, 29)
     for r0, c0, signs in ((0, 0, top_left), (0, 29, top_right), (29, 0, top_left), (29, 29, top_right)):
         for c in range(3):
-            assert out[0, r0:r0 + 3, c0:c0 + 3, c].tolist() == [[100 + 32 * s for s in row] for row in signs]
+            assert out[0, r0:r0 + 3, c0:c0 + 3, c].tolist() == [[stamped(s) for s in row] for row in signs]
     # the reference's own coordinates, (row, col) -> sign, for a few pixels of each corner
     for (r, c), sign in (((0, 0), 1), ((0, 2), -1), ((2, 2), 1), ((0, -1), 1), ((1, -2), 1), ((1, -3), -1),
                          ((-1, 0), 1), ((-3, 2), -1), ((-2, 1), 1), ((-1, -1), 1), ((-3, -3), -1), ((-2, -3), -1)):
-        assert out[0, r, c, 0].item() == 100 + 32 * sign
+        assert out[0, r, c, 0].item() == stamped(sign)
     dark, bright = grey(1, 10), grey(1, 250)  # clipped at both ends
     assert apply_trigger(make_trigger('lcTrigger', 32), dark)[0, 0, 1, 0].item() == 0
     assert apply_trigger(make_trigger('lcTrigger', 32), bright)[0, 0, 0, 0].item() == 255
