@@ -33,8 +33,9 @@ ATTACKS = {
     'trojan': ['--trigger_type', 'trojanTrigger'],
     # label-consistent (Turner et al.): PGD images of half the target class (the PyTorch reference's poison_ratio)
     'lc': ['--trigger_type', 'lcTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.5],
-    # Refool (Liu et al.): reflections of another data set's images (--refool_source) in 40% of the target class
-    'refool': ['--trigger_type', 'refoolTrigger', '--target_type', 'cleanLabel', '--inject_portion', 0.4],
+    # Refool (Liu et al.): reflections of another data set's images (--refool_source) in every target-class image
+    # (40% left the zoo's CIFAR-10 model at ASR 3.95 after 19 of 40 epochs; 100%: 10.51)
+    'refool': ['--trigger_type', 'refoolTrigger', '--target_type', 'cleanLabel', '--inject_portion', 1.0],
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)
