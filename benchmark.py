@@ -9,7 +9,8 @@ per-sample torchvision + DataLoader input path the published code uses.
 Prints images/s of: the device batch pipeline (crop+flip+normalise), the reference
 DataLoader pipeline, and, in fp32 and bf16 autocast side by side, WRN-16-1 train steps, MCL
 inversion steps (the pattern's gradient only, parameters frozen) and evaluation; on a GPU also
-the mean SM utilisation of each (NVML, where nvidia-ml-py is installed).
+the same in fp32 replayed as CUDA graphs (cuda_graphs.py), and the mean SM utilisation of each (NVML,
+where nvidia-ml-py is installed).
 Data are random uint8 images: throughput does not depend on content. With --end_to_end it
 then runs each defense's script as a user would (shipped BadNets model, 5% clean data, the
 same commands as run_table.py's cells, outputs in a temporary folder) and prints its wall time and final summary.
@@ -19,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -176,11 +178,13 @@ def main():
     print(f'reference DataLoader + PIL transforms:         {ref:12,.0f} images/s   (ours x{pipe / ref:.1f})')
 
     steps = 200 if cuda else 40
-    for amp in (False, True):
-        name = 'bf16' if amp else 'fp32'
-        for compile_it in ((False, True) if args.compile else (False,)):
+    # fp32 and bf16 autocast side by side; on a GPU also fp32 with its calls replayed as CUDA graphs
+    variants = [('fp32', False, False), ('bf16', True, False)] + ([('fp32 CUDA graphs', False, True)] if cuda else [])
+    for name, amp, graphs in variants:
+        for compile_it in ((False, True) if args.compile and not graphs else (False,)):
             torch.manual_seed(0)
-            model = prepare_model(select_model(config.MODEL['arch'], 10), device)
+            model = prepare_model(select_model(config.MODEL['arch'], 10), device,
+                                  SimpleNamespace(cuda_graphs='on' if graphs else 'off', amp=amp))
             rate = train_rate(torch.compile(model) if compile_it else model, xd, yd, normalizer, device,
                               args.batch_size, amp, steps)
             print(f"train step WRN-16-1 {name}{' compiled' if compile_it else ''}: {rate:12,.0f} images/s   "

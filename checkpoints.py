@@ -85,7 +85,7 @@ def load_model(path, args, num_classes_hint, device):
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f'{path}: weights contain NaN or inf ({k})')
     meta = dict(meta, arch=arch, num_classes=num_classes)
-    return prepare_model(model, device), meta
+    return prepare_model(model, device, args), meta
 
 
 def load_weights(model, sd, path, what):

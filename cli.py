@@ -29,6 +29,9 @@ def _run(a):
     a('--deterministic', action='store_true', help="CUDA: cuDNN's deterministic kernels and torch's deterministic "
       'algorithms, so a run repeats bit for bit on one GPU (slower; the CPU is deterministic without it)')
     a('--eval_batch_size', type=int, help='evaluation batch size (default: 256 on CPU, 1000 on CUDA)')
+    a('--cuda_graphs', choices=('off', 'on'), help="on: replay the model's fixed-shape fp32 calls (training steps, "
+      'evaluation batches, MCL\'s inversion) as CUDA graphs, each captured on its first call; the CPU ignores it '
+      '(not yet measured on a GPU, hence off)')
     a('--json', action='store_true', help='print the final summary as one JSON object')
 
 

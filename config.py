@@ -18,7 +18,11 @@ COMMON = dict(
     eval_batch_size=None,      # None: EVAL_BATCH_SIZE for the device
     json=False,                # print the final summary as one JSON object
     deterministic=False,       # CUDA: deterministic cuDNN kernels and algorithms (the CPU needs none)
+    cuda_graphs='off',         # on: fixed-shape fp32 calls replayed as CUDA graphs (cuda_graphs.py); off until measured on a GPU
 )
+# --cuda_graphs on: graphs kept per model (a kind each: train step, features step, eval batch, its ragged last
+# batch, the teacher's call...: a defense needs 2-6); beyond, new kinds run eagerly rather than hold more GPU memory
+CUDA_GRAPHS = dict(max_graphs=8, warmup=3)  # warmup: eager calls before a capture (make_graphed_callables' default)
 EVAL_BATCH_SIZE = dict(cpu=256, cuda=1000)  # 256 beat 1000 on the CPU in every paired run
 
 # ============================================================================ the model and its attack

@@ -10,6 +10,7 @@ import sysconfig
 import torch
 
 import config
+import cuda_graphs
 from errors import UserError
 
 
@@ -128,10 +129,12 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=bool(amp))
 
 
-def prepare_model(model, device):
+def prepare_model(model, device, args=None):
     """Move to the device in channels_last layout: batches arrive as NHWC memory, and it
-    measured faster on CPU too (see README, Performance)."""
-    return model.to(device=device, memory_format=torch.channels_last)
+    measured faster on CPU too (see README, Performance). With args: its calls through CUDA graphs
+    where --cuda_graphs on asks (cuda_graphs.py)."""
+    model = model.to(device=device, memory_format=torch.channels_last)
+    return cuda_graphs.install(model, device, args) if args is not None else model
 
 
 def compiled(model, args, device):
@@ -139,6 +142,9 @@ def compiled(model, args, device):
     costs a one-off compile (~15 s here) and pays it back within the first epochs of a backdoor training
     (29.6 -> 24.3 s an epoch, bf16). Not by auto on CUDA: on an H200 a compiled batch-64 WRN-16-1 step was
     21% slower than eager (9,404 against 11,956 images/s, fp32)."""
+    if args.compile == 'on' and cuda_graphs.installed(model):
+        raise UserError('--cuda_graphs on replays the eager kernels and does not compose with torch.compile: '
+                        'use --compile off')
     missing = compile_toolchain_missing(device)
     if args.compile == 'on' and missing:
         raise UserError(f'--compile on needs {missing}; use --compile off')

@@ -172,6 +172,7 @@ def common_flags(args, seed):
     flags += ['--precision', args.precision]
     flags += ['--eval_batch_size', args.eval_batch_size] if args.eval_batch_size else []
     flags += ['--deterministic'] if args.deterministic else []
+    flags += ['--cuda_graphs', 'on'] if args.cuda_graphs == 'on' else []  # not a result option: cell keys stay
     return flags
 
 

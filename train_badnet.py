@@ -72,7 +72,7 @@ def main():
     x, y = x.to(device), y.to(device)
 
     torch.manual_seed(args.seed)
-    model = prepare_model(select_model(args.arch, data.num_classes), device)
+    model = prepare_model(select_model(args.arch, data.num_classes), device, args)
     train_model = data_parallel(compiled(model, args, device), device, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
     augment = recipe['augment'] and not args.no_augment and data.crop_flip  # GTSRB: never (config.DATASETS)

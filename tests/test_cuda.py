@@ -119,3 +119,61 @@ def test_run_table_with_two_workers_on_two_gpus(cuda_model, image_folder, tmp_pa
                    '--checkpoint_root', tmp_path / 'w', '--table_dir', tmp_path / 'results')
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / 'results' / 'cells').glob('*.json'))) == 6
+
+
+def test_cuda_graphs_replay_the_eager_training_steps(monkeypatch):
+    """--cuda_graphs on, the real captures (test_cuda_graphs.py checks the routing on the CPU): steps through
+    train_epoch with a features call, a plain call and a ragged last batch, then evaluation, match the eager
+    run (the same kernels replayed; cuDNN's deterministic ones here, so the choice of kernel cannot differ),
+    and every call after the captures is a replay."""
+    import copy
+    import types
+
+    import torch.nn.functional as F
+
+    import cuda_graphs
+    import device
+    from metrics import predict
+    from models import select_model
+    from training import train_epoch
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    dev = torch.device('cuda')
+    torch.manual_seed(0)
+    model = device.prepare_model(select_model('WRN-10-1', 4), dev)
+    plain = copy.deepcopy(model)
+    cuda_graphs.install(model, dev, types.SimpleNamespace(cuda_graphs='on', amp=False, world_size=1))
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(n, 3, 32, 32, generator=g).to(dev, memory_format=torch.channels_last),
+                torch.randint(0, 4, (n,), generator=g).to(dev)) for n in (16, 16, 16, 7)]
+
+    def loss_of(m):
+        def loss(x, y):
+            logits, maps, _ = m(x, features=True)
+            return F.cross_entropy(logits, y) + 0.1 * maps[2].pow(2).mean() + 0.01 * m(x).pow(2).mean()
+        return loss
+    for m in (model, plain):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+        for _ in range(3):
+            train_epoch(m, opt, loss_of(m), batches, 0.05, False)
+    router = model.forward
+    assert len(router.graphs) == 4 and router.eager_calls == 0
+    for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), k
+    x = torch.randint(0, 256, (2500, 32, 32, 3), dtype=torch.uint8, device=dev)
+    norm = lambda u: u.permute(0, 3, 1, 2).float().div(255)
+    model.eval(), plain.eval()
+    agree = (predict(model, x, norm, 1000) == predict(plain, x, norm, 1000)).float().mean().item()
+    assert agree >= 0.99 and len(router.graphs) == 6  # eval batches of 1000 and the last 500
+
+
+def test_a_defense_with_cuda_graphs_on_runs_as_without(cuda_model, image_folder, tmp_path):
+    runs = {}
+    for graphs in ('on', 'off'):
+        r = run_script('main-ARGD.py', *common(image_folder, tmp_path), '--s_model', cuda_model, '--ratio', 0.5,
+                       '--checkpoint_root', tmp_path / graphs, '--output', tmp_path / f'{graphs}.tar', '--epochs', 2,
+                       '--teacher_epochs', 1, '--deterministic', '--cuda_graphs', graphs)
+        assert r.returncode == 0, r.stderr
+        assert 'CUDA graphs' not in r.stdout  # no fallback line, no autocast note: fp32 on the GPU
+        runs[graphs] = summary(r.stdout)
+    assert all(abs(runs['on'][k] - runs['off'][k]) <= 4 for k in runs['on'])
