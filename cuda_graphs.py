@@ -41,15 +41,25 @@ def install(model, device, args, capture_autograd=None, capture_forward=None):
     if getattr(args, 'cuda_graphs', 'off') != 'on':
         return model
     if device.type != 'cuda' and capture_autograd is None:
-        print(f'CUDA graphs off ({device} has none; --cuda_graphs on is for CUDA devices)', flush=True)
+        say(f'CUDA graphs off ({device} has none; --cuda_graphs on is for CUDA devices)')
         return model
     if getattr(args, 'world_size', 1) > 1:
         raise UserError('--cuda_graphs on is for single-process runs, not under torchrun')
     if getattr(args, 'amp', False):
-        print(f'CUDA graphs on for fp32 calls only: {args.amp} autocast calls run eagerly', flush=True)
+        say(f'CUDA graphs on for fp32 calls only: {args.amp} autocast calls run eagerly')
     model.forward = Router(model, device.type, capture_autograd or capture_with_autograd,
                            capture_forward or capture_without_autograd)
     return model
+
+
+def say(line):
+    """Print a line once per run (a defense loads its student and teacher: one line, not two)."""
+    if line not in SAID:
+        SAID.add(line)
+        print(line, flush=True)
+
+
+SAID = set()
 
 
 def installed(model):
