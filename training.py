@@ -16,8 +16,8 @@ from files import atomic_save, write_csv
 from metrics import METRICS, evaluate
 
 # options that do not change a run's result: a resumed run may differ in these only
-NOT_RESULT = ('device', 'threads', 'cuda_graphs', 'output', 'log_root', 'checkpoint_root', 'resume', 'eval_every', 'eval_subset',
-              'eval_batch_size', 'json', 'given', 'rank')
+NOT_RESULT = ('device', 'threads', 'cuda_graphs', 'output', 'log_root', 'checkpoint_root', 'resume', 'eval_every',
+              'eval_subset', 'eval_batch_size', 'json', 'given', 'rank')
 
 
 @dataclass
