@@ -129,13 +129,11 @@ def test_cuda_graphs_replay_the_eager_training_steps(monkeypatch):
     import copy
     import types
 
-    import torch.nn.functional as F
-
     import cuda_graphs
     import device
     from metrics import predict
     from models import select_model
-    from training import train_epoch
+    from test_cuda_graphs import train_both
     monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     dev = torch.device('cuda')
@@ -147,15 +145,7 @@ def test_cuda_graphs_replay_the_eager_training_steps(monkeypatch):
     batches = [(torch.rand(n, 3, 32, 32, generator=g).to(dev, memory_format=torch.channels_last),
                 torch.randint(0, 4, (n,), generator=g).to(dev)) for n in (16, 16, 16, 7)]
 
-    def loss_of(m):
-        def loss(x, y):
-            logits, maps, _ = m(x, features=True)
-            return F.cross_entropy(logits, y) + 0.1 * maps[2].pow(2).mean() + 0.01 * m(x).pow(2).mean()
-        return loss
-    for m in (model, plain):
-        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
-        for _ in range(3):
-            train_epoch(m, opt, loss_of(m), batches, 0.05, False)
+    train_both(model, plain, batches, epochs=3)
     router = model.forward
     assert len(router.graphs) == 4 and router.eager_calls == 0
     for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):

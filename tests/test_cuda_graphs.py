@@ -63,6 +63,20 @@ def graphed_model(seed=0, arch='WRN-10-1'):
     return model, plain, captured
 
 
+def train_both(model, plain, batches, epochs):
+    """The same epochs through train_epoch for both models: a features call and a plain call per step (as
+    ARGD's student and a second term), SGD Nesterov with weight decay (also test_cuda.py's, on a GPU)."""
+    def loss_of(m):
+        def loss(x, y):
+            logits, maps, _ = m(x, features=True)
+            return F.cross_entropy(logits, y) + 0.1 * maps[2].pow(2).mean() + 0.01 * m(x).pow(2).mean()
+        return loss
+    for m in (model, plain):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+        for _ in range(epochs):
+            train_epoch(m, opt, loss_of(m), batches, 0.05, False)
+
+
 def images(n, seed=1):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).contiguous(
         memory_format=torch.channels_last)
@@ -160,15 +174,7 @@ def test_training_through_the_router_equals_eager_bit_for_bit():
     batches = [(images(8, seed=s), torch.randint(0, 4, (8,), generator=g)) for s in range(4)]
     batches.append((images(5, seed=9), torch.randint(0, 4, (5,), generator=g)))
 
-    def loss_of(m):
-        def loss(x, y):
-            logits, maps, _ = m(x, features=True)
-            return F.cross_entropy(logits, y) + 0.1 * maps[2].pow(2).mean() + 0.01 * m(x).pow(2).mean()
-        return loss
-    for m in (model, plain):
-        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
-        for _ in range(2):
-            train_epoch(m, opt, loss_of(m), batches, 0.05, False)
+    train_both(model, plain, batches, epochs=2)
     assert captured.count('autograd') == 4  # features and plain calls, at 8 and at the ragged 5
     for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), k
