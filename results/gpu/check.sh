@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 40's GPU measurements in one run (about 8 minutes before the tests), written without a GPU: not yet run.
+# The GPU measurements (README, Performance and GPUs) in one run (about 8 minutes before the tests), written without a GPU: not yet run.
 #   bash results/gpu/check.sh /data/cifar10      # a CIFAR-10 image folder (<root>/{train,test}/<class>/*)
 # With no argument it unpacks .gpu_data/cifar10-jpg.tar.gz (ignored by git), as a device-tool run does:
 #   mkdir -p .gpu_data && cp ../shared/data/cifar10-jpg.tar.gz .gpu_data/
