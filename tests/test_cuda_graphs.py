@@ -3,6 +3,9 @@ with stand-ins for the two CUDA captures that keep their semantics (warm-up call
 statistics; a forward graph's outputs overwritten in place at each replay). The real captures run in
 test_cuda.py, on a GPU."""
 import copy
+import os
+import runpy
+import sys
 import types
 
 import pytest
@@ -14,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 import config
 import cuda_graphs
 import device
-from conftest import run_script, summary
+from conftest import ROOT, run_script, summary
 from errors import UserError
 from metrics import predict
 from models import select_model
@@ -230,3 +233,36 @@ def test_a_script_with_cuda_graphs_on_runs_on_the_cpu_as_without(backdoored, ima
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert on.stdout.count('CUDA graphs off (cpu has none') == 1
     assert summary(on.stdout) == summary(off.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script, flags', [
+    ('main-ARGD.py', ['--epochs', 2, '--teacher_epochs', 1]),  # the teacher's no-grad calls, features steps
+    ('main-ARGD.py', ['--defense', 'nad', '--epochs', 1, '--teacher_epochs', 1, '--source', 'inverted']),
+    ('main_mcl.py', ['--epochs', 1, '--mcl_target', 0, '--inv_epochs', 2, '--keep_target']),  # inversion
+    ('main_ft.py', ['--defense', 'ft-at', '--epochs', 1]),  # PGD: input gradients
+    ('main_ft.py', ['--defense', 'sau', '--epochs', 1]),    # a deep-copied reference, eval-mode steps
+    ('main_ft.py', ['--defense', 'i-bau', '--epochs', 1]),  # the implicit hypergradient
+    ('main_ft.py', ['--defense', 'pam', '--epochs', 1]),    # weights moved in place around each step
+    ('main_ft.py', ['--defense', 'mcr', '--epochs', 2, '--teacher_epochs', 1]),  # functional_call
+])
+def test_each_defense_through_the_router_equals_eager(backdoored, image_folder, tmp_path, script, flags):
+    """The defenses' own call patterns through the router (the stand-in captures, in this process): the
+    defended weights equal the eager run's bit for bit, and the router was on the path."""
+    real_install, captured, weights = cuda_graphs.install, [], {}
+
+    def with_stand_ins(model, dev, args, *rest):
+        return real_install(model, dev, args, fake_autograd(captured), fake_forward(captured))
+    for graphs in ('on', 'off'):
+        out = tmp_path / f'{graphs}.tar'
+        argv = [script, '--dataset', 'ImageFolder', '--data_root', image_folder, '--device', 'cpu', '--precision',
+                'fp32', '--s_model', backdoored['path'], '--ratio', 0.5, '--batch_size', 32, '--output', out,
+                '--checkpoint_root', tmp_path / graphs, '--log_root', tmp_path / graphs, '--cuda_graphs', graphs, *flags]
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(cuda_graphs, 'install', with_stand_ins)
+            m.setattr(sys, 'argv', [str(a) for a in argv])
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+        weights[graphs] = torch.load(out, weights_only=True)['state_dict']
+    assert 'autograd' in captured and 'forward' in captured
+    for k, v in weights['on'].items():
+        assert torch.equal(v, weights['off'][k]), k
