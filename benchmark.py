@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import config
+from batching import Normalizer, train_batches
 from cli import main_guard, parse_args
-from data_loader import Normalizer, train_batches
+from defenses import registry
 from device import autocast, prepare_model, setup
+from errors import UserError
 from inversion import size_penalty, stamp
 from models import select_model
 from table import COLUMNS, cell_commands
@@ -155,6 +157,8 @@ def defense_wall_times(args):
     model = args.s_model or os.path.join(args.checkpoint_root, 's_net', f"{config.MODEL['arch']}.tar")
     with tempfile.TemporaryDirectory() as tmp:
         names = [name for name in COLUMNS if name not in ('none', 'floor')]  # FT first: NAD's and ARGD's teacher
+        if args.defenses:
+            names = [name for name in names if name in args.defenses.split(',')]
         for name, cell in cell_commands(args, 'badnet', args.seed, tmp, tmp, given_model=model, names=names).items():
             metrics, seconds = cell()
             yield COLUMNS[name]['label'], seconds, metrics
@@ -162,7 +166,21 @@ def defense_wall_times(args):
 
 def main():
     args = parse_args('benchmark.py', description=__doc__.split('\n\n')[0])
+    unknown = set((args.defenses or '').split(',')) - set(COLUMNS) - {''}
+    if unknown:
+        raise UserError(f"unknown defense '{sorted(unknown)[0]}' (choose from {', '.join(registry())})")
     device = setup(args)
+    print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}')
+    if args.pieces:
+        pieces(args, device)
+    if args.end_to_end:
+        for name, seconds, m in defense_wall_times(args):
+            print(f"{name + ' end to end:':32s} {seconds:8.1f} s   ACC {m['ACC']:.2f} ASR {m['ASR']:.2f} RA {m['RA']:.2f}",
+                  flush=True)
+
+
+def pieces(args, device):
+    """Images/s of the batch pipeline, the reference DataLoader, and the train, inversion and evaluation steps."""
     cuda = device.type == 'cuda'
     n = 50000 if cuda else 10000
     g = torch.Generator().manual_seed(0)
@@ -170,7 +188,6 @@ def main():
     y = torch.randint(0, 10, (n,), generator=g)
     xd, yd = x.to(device), y.to(device)
     normalizer = Normalizer('cifar', device)
-    print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}')
 
     pipe = pipeline_rate(xd, yd, normalizer, device, args.batch_size)
     print(f'batch pipeline (crop+flip+normalise on device): {pipe:12,.0f} images/s{sm_note()}')
@@ -181,7 +198,7 @@ def main():
     # fp32 and bf16 autocast side by side; on a GPU also fp32 with its calls replayed as CUDA graphs
     variants = [('fp32', False, False), ('bf16', True, False)] + ([('fp32 CUDA graphs', False, True)] if cuda else [])
     for name, amp, graphs in variants:
-        for compile_it in ((False, True) if args.compile and not graphs else (False,)):
+        for compile_it in ((False, True) if args.time_compiled and not graphs else (False,)):
             torch.manual_seed(0)
             model = prepare_model(select_model(config.MODEL['arch'], 10), device,
                                   SimpleNamespace(cuda_graphs='on' if graphs else 'off', amp=amp))
@@ -193,10 +210,6 @@ def main():
         print(f'MCL inversion step {name}:        {inv:12,.0f} images/s{sm_note()}', flush=True)
         ev = eval_rate(model, xd[:10000], normalizer, device, args.eval_batch_size, amp)
         print(f'evaluation {name} (batch {args.eval_batch_size}):    {ev:12,.0f} images/s{sm_note()}', flush=True)
-    if args.end_to_end:
-        for name, seconds, m in defense_wall_times(args):
-            print(f"{name + ' end to end:':32s} {seconds:8.1f} s   ACC {m['ACC']:.2f} ASR {m['ASR']:.2f} RA {m['RA']:.2f}",
-                  flush=True)
 
 
 if __name__ == '__main__':

@@ -117,9 +117,12 @@ DEFENSE = dict(
     s_model=None,              # the model under defense; None: <checkpoint_root>/s_net/<arch>.tar
     ratio=0.05,                # the defender's clean fraction of the training set (all three papers: 5%)
     adv_share=0.2,             # share of each batch replaced at true labels by PGD or synthesised-trigger images (PAM's 20% + 1)
+    milestones=(),             # a step schedule's epochs where the lr takes its next factor (entries with one set theirs)
+    factors=(1,),              # ... and those factors
 )
 COLLAPSE_POINTS = 10          # a defense that costs more accuracy than this on the defender's clean subset is flagged
 TEACHER = dict(t_model=None)  # NAD/ARGD's teacher; None: <checkpoint_root>/t_net/<s_model's name>.tar, fine-tuned (DEFENSES['ft']) first if absent
+TEACHER_KEY = 'ft'            # the defense whose model is the teacher: its entry's teacher_epochs and teacher_lr make one
 
 # MCL's trigger inversion and Neural Cleanse's target detection: main_mcl.py, and the synthesised trigger
 # (--source inverted) of FT-SI, PAM-SI and ARGD-SI, which runs detection with these values
@@ -136,18 +139,16 @@ INVERSION_BATCH = 64          # MCL's batch: detection for a synthesised trigger
 INVERSION_IMAGES = 2048       # MCL's inversion: most images per stacked forward (43 GTSRB classes x 64 run in two)
 
 # ============================================================================ the defenses, one entry each
-# Everything that defines a defense, in one place (as airbench keeps one hyp dict): its label in the table,
-# whether it is blind (told neither trigger nor target), the script that runs it (--defense <key>), the
-# file in defenses/ that implements it (module), and its recipe. A key that is one of its script's options
-# is that option's default when the defense is chosen (`<script> --defense <key> --help` shows them); a
-# flag overrides it for one run. The others fix the recipe: nesterov, optimizer ('sgd' or 'adam'),
+# Every number of a defense, in one place (as airbench keeps one hyp dict); what it is (its label, blind or
+# told, what it needs) is declared in its module in defenses/, which implements the key. Each key here is the
+# default of the option of that name when the defense is chosen (`main_ft.py --defense <key> --help` shows
+# them all); a flag overrides it for one run. The recipe's options: nesterov, optimizer ('sgd' or 'adam'),
 # schedule ('step': lr * factors[i] from the i-th of the epoch milestones; 'cosine': CosineAnnealingLR
-# stepped per epoch; 'constant'), augment (crop + flip where the data set has them, plus Cutout of
-# `cutout`), drop_last (no ragged last batch: at lr 0.1 it would be one large step on a handful of images).
-# The table's columns are these keys, in this order. Numbers are the references' on their networks unless
-# a comment says otherwise.
+# stepped per epoch; 'curve': MCR's; 'constant'), augment (crop + flip where the data set has them, plus
+# Cutout of `cutout`), drop_last (no ragged last batch: at lr 0.1 it would be one large step on a handful of
+# images). The table's columns are these keys, in this order. Numbers are the references' on their networks
+# unless a comment says otherwise.
 FT = dict(  # NAD's teacher (NAD main.py with every beta 0), also the fine-tuning baseline: train_teacher.py
-    label='FT', blind=True, script='train_teacher.py', module='ft',
     teacher_epochs=10,         # NAD README: 5-10 epochs
     teacher_lr=0.1,            # /10 from epoch 2 (milestones)
     batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # NAD
@@ -156,7 +157,6 @@ FT = dict(  # NAD's teacher (NAD main.py with every beta 0), also the fine-tunin
     cutout=3,                  # NAD/ARGD Cutout(1, 3): a 2x2 hole; 0 = crop + flip only
 )
 ARGD = dict(  # Xia et al., IJCAI 2022 (BililiCode/ARGD): main-ARGD.py, distilling from FT's model
-    label='ARGD', blind=True, script='main-ARGD.py', module='argd',
     epochs=10, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # the paper
     schedule='step', milestones=(3, 6), factors=(1, 0.1, 0.01),  # ARGD utils.adjust_learning_rate
     augment=True, drop_last=True, cutout=3,  # its get_train_loader: crop + flip + Cutout(1, 3)
@@ -170,7 +170,6 @@ ARGD = dict(  # Xia et al., IJCAI 2022 (BililiCode/ARGD): main-ARGD.py, distilli
     source='none',             # none (the paper), or inverted: a synthesised trigger on adv_share of each batch, true labels
 )
 NAD = dict(  # Li et al., ICLR 2021 (bboylyg/NAD): main-ARGD.py --defense nad, ARGD's recipe and teacher
-    label='NAD', blind=True, script='main-ARGD.py', module='nad',
     epochs=20, lr=0.1, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',  # NAD
     schedule='step', milestones=(2, 20), factors=(1, 0.1, 0.001),  # NAD utils.adjust_learning_rate
     augment=True, drop_last=True, cutout=3,  # NAD's get_train_loader
@@ -181,7 +180,6 @@ NAD = dict(  # Li et al., ICLR 2021 (bboylyg/NAD): main-ARGD.py --defense nad, A
     source='none',             # as ARGD's
 )
 MCL = dict(  # Yue et al., ACM MM 2023 (Zhihao151/MCL): main_mcl.py, after the inversion (INVERSION)
-    label='MCL', blind=False, script='main_mcl.py', module='mcl',  # the table tells it the row's target
     epochs=20,                 # MCL erasing epochs
     lr=0.1, batch_size=64, momentum=0.9, nesterov=False, weight_decay=1e-4, optimizer='sgd',  # MCL
     schedule='step', milestones=(1, 10), factors=(1, 0.1, 0.01),  # MCL fine_defense_adjust_learning_rate
@@ -190,7 +188,6 @@ MCL = dict(  # Yue et al., ACM MM 2023 (Zhihao151/MCL): main_mcl.py, after the i
     keep_target=False,         # MCL-TK: no contrastive push on images the model assigns to the target, CE on clean ones
 )
 FT_AT = dict(  # the blind baseline: exactly FT's recipe, with the adversarial share added: main_ft.py
-    label='FT-AT', blind=True, script='main_ft.py', module='ft_at',
     epochs=FT['teacher_epochs'], lr=FT['teacher_lr'], batch_size=FT['batch_size'], momentum=FT['momentum'],
     nesterov=FT['nesterov'], weight_decay=FT['weight_decay'], optimizer=FT['optimizer'], schedule=FT['schedule'],
     milestones=FT['milestones'], factors=FT['factors'], augment=FT['augment'], drop_last=FT['drop_last'],
@@ -208,25 +205,23 @@ DEFENSES = {
     'nad': NAD,
     'argd': ARGD,
     'mcl': MCL,
-    'mcl-tk': dict(MCL, label='MCL-TK', keep_target=True),   # not in the paper: keeps the target class
+    'mcl-tk': dict(MCL, keep_target=True),   # not in the paper: keeps the target class
     # ARGD with a newer defense's ingredient (not in the paper): FT-SI's synthesised trigger at true labels
-    'argd-si': dict(ARGD, label='ARGD-SI', source='inverted'),
+    'argd-si': dict(ARGD, source='inverted'),
     'ft-at': FT_AT,
-    'ft-si': dict(FT_AT, label='FT-SI', source='inverted'),  # the synthesised trigger instead of PGD
+    'ft-si': dict(FT_AT, source='inverted'),  # the synthesised trigger instead of PGD
     # PAM (Min et al., NeurIPS 2024) btidbfu.py: SGD lr 0.01 momentum 0.1, batch 128, 30 epochs per round
     # (x 3 rounds there: 1 here); FT-AT's images (the paper's come from BTI-DBF's generator)
-    'pam': dict(FT_AT, label='PAM', module='pam', epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False,
+    'pam': dict(FT_AT, epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False,
                 weight_decay=0.0, schedule='constant', milestones=(), factors=(1,), cutout=0,
                 rho=0.5),              # distance towards the backdoored weights (its ResNet-18 script; 1% of a WRN-16-1's norm)
     # FST (Min et al., NeurIPS 2023) ft.py --ft_mode fst: SGD momentum 0.9, no weight decay, cosine over 10 epochs
-    'fst': dict(label='FST', blind=True, script='main_ft.py', module='fst',
-                epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
+    'fst': dict(epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
                 schedule='cosine', augment=True, drop_last=True, cutout=0,
                 alpha=0.1),            # weight of <W, W_orig> (its README command for CIFAR-10)
     # SAU (Wei et al., NeurIPS 2023) in BackdoorBench: Adam, cosine, batch 256, no augmentation, BN frozen;
     # 100 rounds there, 12 here (5 minutes on a 2-core CPU); BackdoorBench keeps the ragged last batch
-    'sau': dict(label='SAU', blind=True, script='main_ft.py', module='sau',
-                epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='adam',
+    'sau': dict(epochs=12, lr=1e-4, batch_size=256, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='adam',
                 schedule='cosine', augment=False, drop_last=False, cutout=0,
                 adv_eps=0.2,           # L_inf bound of the shared PGD (trigger_norm), [0,1]-pixel units
                 adv_steps=5,           # its steps, each of adv_eps from the corner
@@ -237,8 +232,7 @@ DEFENSES = {
     # betas 0.5/0.9, batch 64, cost 1e-3 x2 / 2**1.5 after 5 passes, success bound 99%, early stop 25 passes),
     # the mask's L1 norm as the paper; unlearning as the paper: 1 epoch, 20% of each batch stamped with the
     # reversed trigger at true labels (its lr is not given: BackdoorBench's NC lr 0.01); FT's SGD, crop + flip
-    'nc': dict(label='NC', blind=True, script='main_ft.py', module='nc',
-               epochs=1, lr=0.01, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',
+    'nc': dict(epochs=1, lr=0.01, batch_size=64, momentum=0.9, nesterov=True, weight_decay=1e-4, optimizer='sgd',
                schedule='constant', augment=True, drop_last=True, cutout=0,  # its share: DEFENSE's adv_share, the paper's 20%
                nc_epochs=NC_PASSES,   # reverse-engineering passes per class (the reference: 50 over its data)
                nc_images=1000,        # images per pass (the original's NB_SAMPLE)
@@ -248,8 +242,7 @@ DEFENSES = {
     # I-BAU (Zeng et al., ICLR 2022) defense.py's CIFAR-10 defaults: batch 100, Adam lr 0.001 on the weights, 5
     # rounds, K 5; its inner search SGD lr 10, fixed-point step 0.1, |delta|^2 weight 0.001, 1% of a batch
     # perturbed; no augmentation (its TensorDataset), every image used
-    'i-bau': dict(label='I-BAU', blind=True, script='main_ft.py', module='i_bau',
-                  epochs=5, lr=0.001, batch_size=100, momentum=0.9, nesterov=False, weight_decay=0.0,
+    'i-bau': dict(epochs=5, lr=0.001, batch_size=100, momentum=0.9, nesterov=False, weight_decay=0.0,
                   optimizer='adam', schedule='constant', augment=False, drop_last=False, cutout=0,
                   ibau_k=5,            # fixed-point iterations of the hypergradient
                   ibau_inner_lr=10.0,  # the universal perturbation's SGD lr
@@ -259,25 +252,22 @@ DEFENSES = {
     # MCR (Zhao et al., ICLR 2020) IBM/model-sanitization backdoor-cifar train.py: Bezier curve, 3 bends (the ends
     # fixed), SGD lr 0.01 momentum 0.9, L2 1e-4 on the bend, batch 128, 100 epochs with its schedule; the ends
     # here: the backdoored model and FT's teacher (shared with NAD and ARGD)
-    'mcr': dict(label='MCR', blind=True, script='main_ft.py', module='mcr',
-                epochs=MCR_EPOCHS, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=1e-4,
+    'mcr': dict(epochs=MCR_EPOCHS, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=1e-4,
                 optimizer='sgd', schedule='curve', augment=True, drop_last=True, cutout=0,  # its VGG transform: crop + flip
                 t_model=None,          # the curve's end: FT's teacher (None: <checkpoint_root>/t_net/<s_name>.tar, made if absent)
                 mcr_t='auto',          # the point written as the model: auto = best held-out accuracy of t = 0.5 ... 0.9
                 mcr_held_out=0.1),     # share of the clean subset kept from the curve to choose t on
+    # STRIP (Gao et al., ACSAC 2019; garrisongys/STRIP), a run-time input filter, not an eraser: main_strip.py, its
+    # own table (results/README.md), not a column of the erasers' table
+    'strip': dict(strip_n=100,       # clean overlays per input (the reference's n_sample)
+                  strip_frr=0.01,    # false rejection rate the threshold is set at, on the defender's clean subset (1%)
+                  strip_images=2000),  # test images of each set scored (the reference's n_test), and the defender's
+    #                                    images the threshold is set on
 }
 DEFAULT_DEFENSE = {'train_teacher.py': 'ft', 'main-ARGD.py': 'argd', 'main_mcl.py': 'mcl',  # each script's without --defense
-                   'main_ft.py': 'pam'}
+                   'main_ft.py': 'pam', 'main_strip.py': 'strip'}
+STRIP_BATCH = 16              # STRIP's inputs per forward (x strip_n overlays: 1,600 images)
 
-# ============================================================================ main_strip.py
-# STRIP (Gao et al., ACSAC 2019; garrisongys/STRIP), a run-time input filter, not an eraser: its own script and
-# table (results/README.md), not a column of the erasers' table
-STRIP = dict(
-    strip_n=100,               # clean overlays per input (the reference's n_sample)
-    strip_frr=0.01,            # false rejection rate the threshold is set at, on the defender's clean subset (the paper's 1%)
-    strip_images=2000,         # test images of each set scored (the reference's n_test), and the defender's images for the threshold
-)
-STRIP_BATCH = 16              # inputs per forward (x strip_n overlays: 1,600 images)
 
 # ============================================================================ retune.py
 RETUNE = dict(             # the retuning attack of Min et al. (NeurIPS 2024)
@@ -303,12 +293,14 @@ ATTACK_FROM = dict(attack_from=None)  # evaluate.py/retune.py: score against the
 BENCHMARK = dict(
     batch_size=64,             # training batch of the timed steps (the batch every training script uses)
     end_to_end=False,          # also time every defense end to end on the shipped model (minutes on a CPU)
-    compile=False,             # also time the train step under torch.compile
+    time_compiled=False,       # also time the train step under torch.compile (train_badnet.py's --compile compiles)
+    defenses=None,             # --end_to_end: the defenses timed (comma-separated keys); None: every one
+    pieces=True,               # time the pieces (the pipeline, train steps, inversion, evaluation)
 )
 TABLE = dict(table_dir='./results')  # run_table.py's and plot_curves.py's folder: table, cells, logs, pictures
 RUN_TABLE = dict(
     attacks='badnet,blended,sig-cl,wanet',  # rows, see table.ATTACKS (trojan needs --trojan_pattern)
-    defenses=','.join(['none', *DEFENSES, 'floor']),  # columns: the undefended model, every defense, the clean control
+    defenses=None,             # columns; None: every one: the undefended model, each defense that changes it, the clean control
     seeds='0',                 # comma-separated defense seeds: the clean subset, teacher and initialisation
     model_seed=0,              # the backdoored models' seed (0: the zoo's models where they exist)
     shard=None,                # K/N: only the K-th (from 0) of N fixed slices of the cells (job arrays)

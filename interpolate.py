@@ -10,10 +10,11 @@ Every tensor of the state (weights and BatchNorm statistics) is (1 - t) * backdo
 """
 from checkpoints import load_given_model, load_model
 from cli import main_guard, parse_args
-from data_loader import RunData, test_subset
+from data_loader import RunData
 from device import unwrap
 from errors import UserError
 from metrics import evaluate, summary_line
+from subsets import test_subset
 
 
 def interpolated(model, start, end, t):

@@ -5,7 +5,7 @@ model, so that a model trained on them, their labels untouched, leans on the tri
 The robust model is the zoo's architecture trained on the clean training set by fast adversarial training
 (FGSM from a random start: Wong, Rice & Kolter 2020, locuslab/fast_adversarial's train_fgsm.py, the training
 the PyTorch reference hkunzhe/label_consistent_attacks_pytorch points to), through the one training loop.
-It and the perturbed images are cached beside the decoded data (data_loader.cache_path), keyed by everything
+It and the perturbed images are cached beside the decoded data (decoding.cache_path), keyed by everything
 that makes them, so they are made once; an interrupted robust training resumes. Numbers: config.LABEL_CONSISTENT.
 """
 import hashlib
@@ -18,10 +18,12 @@ import torch.nn.functional as F
 
 import config
 from adversarial import pgd_untargeted
-from data_loader import Normalizer, cache_path, data_fingerprint, seeded, test_subset, train_batches
+from batching import Normalizer, train_batches
+from decoding import cache_path, data_fingerprint
 from device import autocast, prepare_model
 from files import atomic_save
 from models import eval_mode, select_model
+from subsets import seeded, test_subset
 from training import Steps, fit
 
 HYP = config.LABEL_CONSISTENT

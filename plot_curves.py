@@ -101,7 +101,7 @@ def plot(curves, title):
 
 def read_robustness(rows):
     """table.csv's rows -> {model: {label: (mean ASR, mean ASR after re-tuning, mean ASR along the straight path
-    or None, mean ASR along MCR's curve or None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
+    or None, mean ASR along the defense's own path (MCR's curve) or None)}} over the seeds of the re-tuned cells; a model is its attack, with its settings hash where one
     attack has cells on several models (a retrained row), so two models never share a bar. Only models with a
     defended cell's path are drawn: no empty panels."""
     rows = [r for r in rows if r.get('ASR_retuned')]
@@ -117,13 +117,14 @@ def read_robustness(rows):
             if got:
                 mean = lambda k: sum(float(r[k]) for r in got) / len(got)
                 out.setdefault(title, {})[d['label']] = (mean('ASR'), mean('ASR_retuned'), mean_path(got, 'path_ASR'),
-                                                         mean_path(got, 'curve_ASR'))
+                                                         mean_path(got, d['curve']))
     return out
 
 
 def mean_path(rows, key):
-    """The mean over the seeds of a list column (path_ASR: the straight line; curve_ASR: MCR's curve), or None."""
-    paths = [json.loads(r[key]) for r in rows if r.get(key)]
+    """The mean over the seeds of a list column (path_ASR: the straight line; a defense's own path: MCR's curve), or
+    None (no such column)."""
+    paths = [json.loads(r[key]) for r in rows if key and r.get(key)]
     return [sum(p[i] for p in paths) / len(paths) for i in range(len(paths[0]))] if paths else None
 
 

@@ -13,7 +13,7 @@ blended into a share of the target class's training images, the trigger hidden a
 3. The trigger (triggers.refool_trigger): the candidates and their final weights; each poisoned or test image
    gets one drawn by weight, blended as strategy.py's blend_image (triggers.reflect).
 
-The chosen trigger is cached beside the data (data_loader.cache_path). Numbers: config.REFOOL.
+The chosen trigger is cached beside the data (decoding.cache_path). Numbers: config.REFOOL.
 """
 import hashlib
 import json
@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 
 import config
-from data_loader import (RunData, cache_path, data_fingerprint, load_dataset, poison_train_set, seeded,
-                         test_subset, train_batches)
+from batching import train_batches
+from data_loader import RunData
+from decoding import cache_path, data_fingerprint, load_dataset
 from device import autocast, prepare_model
 from errors import UserError
 from files import atomic_save
 from models import eval_mode, select_model
+from poisoning import poison_train_set
+from subsets import seeded, test_subset
 from training import Steps, fit
 from triggers import reflect, refool_trigger
 from utils import step_lr

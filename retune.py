@@ -14,12 +14,14 @@ import os
 
 import torch.nn.functional as F
 
+from batching import train_batches
 from checkpoints import load_given_model
 from cli import main_guard, parse_args
-from data_loader import RunData, retune_set, train_batches
+from data_loader import RunData
 from files import check_writable
 from label_consistent import cached_hard_images
 from metrics import summary_line
+from poisoning import retune_set
 from training import Steps, fit
 
 

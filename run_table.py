@@ -27,39 +27,57 @@ from tqdm import tqdm
 
 import config
 from cli import main_guard, parse_args
+from defenses import registry
 from errors import UserError
 from files import atomic_write_bytes, write_csv
 from metrics import METRICS
-from table import ATTACKS, BLIND, COLUMNS, cell_commands, cell_settings, dataset_of, locked, short_hash, zoo_model
+from table import (ATTACKS, BLIND, COLUMNS, cell_commands, cell_settings, column_recipe, dataset_of, locked,
+                   short_hash, zoo_model)
 
 RETUNED = ('ASR_retuned', 'ACC_retuned', 'RA_retuned')  # the same model after the retuning attack (retune.py)
-# what a defense found, kept in its cell where it reports it: the synthesised trigger's detection (FT-SI, PAM-SI,
-# ARGD-SI), NC's flagged classes, MCR's point and the test ASR along its curve
-DEFENSE_FINDINGS = ('detected', 'anomaly_index', 'nc_flagged', 'nc_anomaly_index', 'mcr_t', 'curve_ASR')
+# what a defense found, kept in its cell where it reports it (each module's FINDINGS: NC's flagged classes, ...)
+DEFENSE_FINDINGS = tuple(dict.fromkeys(f for spec in registry().values() for f in spec.findings))
 
 
 def all_cells(attacks, seeds, columns=tuple(COLUMNS)):
     return [(a, d, s) for a in attacks for s in seeds for d in columns]
 
 
-def cell_path(table_dir, attack, defense, seed, key):
-    return os.path.join(table_dir, 'cells', f'{attack}-{defense}-s{seed}-{key}.json')
+def cell_path(table_dir, attack, defense, seed, key, recipe):
+    """A cell's file: named by its row's settings (key) and its column's recipe (table.recipe_key)."""
+    return os.path.join(table_dir, 'cells', f'{attack}-{defense}-s{seed}-{key}-{recipe}.json')
+
+
+def current_recipes(table_dir):
+    """{column: recipe_key} of config.py as it is now; each recipe is kept readable in <table_dir>/recipes/."""
+    keys = {}
+    for column in COLUMNS:
+        recipe = column_recipe(column)
+        keys[column] = short_hash(recipe)
+        path = os.path.join(table_dir, 'recipes', f'{column}-{keys[column]}.json')
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_bytes(json.dumps(recipe, indent=1, sort_keys=True).encode(), path)
+    return keys
 
 
 def merge(args):
     """Rebuild table.csv and table.md from every finished cell file (under the table lock)."""
     with locked(os.path.join(args.table_dir, 'table.lock'), wait=True):
         folder = os.path.join(args.table_dir, 'cells')
-        rows = []
+        rows, recipes = [], current_recipes(args.table_dir)
         for name in sorted(os.listdir(folder)):
             if name.endswith('.json'):
                 with open(os.path.join(folder, name)) as f:
                     rows.append(json.load(f))
+        # a cell of another recipe than config.py's now (an edited entry) is kept in its file, not tabulated
+        current = [recipes.get(r['defense']) == r.get('recipe_key') for r in rows]
+        rows, other = [r for r, c in zip(rows, current) if c], current.count(False)
         order = {c: i for i, c in enumerate(all_cells(list(ATTACKS), sorted({r['seed'] for r in rows})))}
         rows.sort(key=lambda r: (order.get((r['attack'], r['defense'], r['seed']), len(order)), r['settings_key']))
         write_csv([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows],
                   os.path.join(args.table_dir, 'table.csv'))
-        write_markdown(rows, os.path.join(args.table_dir, 'table.md'))
+        write_markdown(rows, os.path.join(args.table_dir, 'table.md'), other)
 
 
 def mean_std(values):
@@ -84,7 +102,7 @@ def class_columns(per_class, small):
     return [f'{mean[lowest]:.1f} ({lowest})'] + ([' / '.join(f'{mean[c]:.1f}' for c in small)] if small else [])
 
 
-def write_markdown(rows, path):
+def write_markdown(rows, path, other=0):
     """One section per set of shared settings (data set, ratio, how the models were made) and, in it,
     a table per backdoored model with a line per defense, so cells of different settings never mix;
     the models are listed under each section."""
@@ -92,7 +110,10 @@ def write_markdown(rows, path):
              'mean ± std over the defense seeds (n), the mean wall time of a cell (with its re-tuning), and ⚠ where a '
              "defense warned that it cut accuracy on the defender's clean subset by more than 10 points. "
              "'clean control' is the never-poisoned model under the row's trigger: the floor a real erasure reaches. "
-             '– : not recorded (cells run before RA after re-tuning was kept). Settings are printed above each section.']
+             '– : not recorded (cells run before RA after re-tuning was kept). Settings are printed above each section; '
+             "each defense's recipe (config.py's, through its options) is in recipes/<defense>-<recipe_key>.json."]
+    if other:
+        lines.append(f'Not shown: {other} cells run with another recipe than config.py has now (cells/*.json).')
     shared = lambda r: json.dumps({k: v for k, v in r['settings'].items() if k not in MODEL_KEYS}, sort_keys=True)
     for common in sorted({shared(r) for r in rows}):
         group = [r for r in rows if shared(r) == common]
@@ -127,11 +148,12 @@ def work_through(args, cells):
     over the cells shows the running cell and the last line its script printed."""
     bar = tqdm(cells, desc='cells', unit='cell', disable=None, dynamic_ncols=True)
     watch = lambda line: bar.set_postfix_str(line[-80:], refresh=True)
+    recipes = current_recipes(args.table_dir)
     for attack, defense, seed in bar:
         bar.set_description(f'{attack} {defense} seed {seed}')
         settings = cell_settings(args, attack)
         key = short_hash(settings)
-        out = cell_path(args.table_dir, attack, defense, seed, key)
+        out = cell_path(args.table_dir, attack, defense, seed, key, recipes[defense])
         if os.path.exists(out):
             continue
         with locked(out + '.lock', wait=False) as mine:
@@ -144,7 +166,7 @@ def work_through(args, cells):
                        **{k: metrics.get(k) for k in (*RETUNED, 'path_ASR', 'per_class', 'subset_before', 'subset_after',
                                                         'warning', 'synthesised_class')},
                        **{k: metrics[k] for k in DEFENSE_FINDINGS if k in metrics},
-                       seconds=seconds, settings_key=key, settings=settings)
+                       seconds=seconds, settings_key=key, settings=settings, recipe_key=recipes[defense])
             atomic_write_bytes(json.dumps(row).encode(), out)
         merge(args)
         bar.write(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
@@ -204,7 +226,7 @@ def main():
             raise UserError(f'run_table.py does not take --{name}: use {instead}')
     attacks = parse_list(args.attacks, 'attacks', ATTACKS)
     seeds = parse_list(args.seeds, 'seeds', cast=int)
-    columns = parse_list(args.defenses, 'defenses', COLUMNS)
+    columns = parse_list(args.defenses, 'defenses', COLUMNS) if args.defenses else list(COLUMNS)
     needs_pattern = 'trojan' in attacks and not zoo_model(args, 'trojan')  # a zoo's trojan model carries it
     if needs_pattern and not (args.trojan_pattern and os.path.isfile(args.trojan_pattern)):
         raise UserError("the trojan row needs --trojan_pattern: the references' additive pattern "

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from cli import main_guard, parse_args
+from decoding import load_dataset
 from errors import UserError
-from data_loader import load_dataset
 from refool import reflection_images
 from triggers import TRIGGERS, TriggerError, apply_trigger, make_trigger, refool_trigger
 

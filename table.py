@@ -14,10 +14,15 @@ import sys
 import tempfile
 import time
 
+from types import SimpleNamespace
+
 import config
-from data_loader import data_fingerprint
+from cli import get_arguments
+from decoding import data_fingerprint
+from defenses import registry, tag_of
 from errors import UserError
 from files import atomic_write_bytes, content_hash
+from training import NOT_RESULT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,19 +44,54 @@ ATTACKS = {
     'clean': ['--trigger_type', 'gridTrigger', '--inject_portion', 0],  # the control: no poison, scored on BadNets
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)
+DEFENDER = 'main_ft.py'  # the script that runs every registered defense (defenses/driver.py)
 # column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its per-epoch log
-# (None: no training) and its label in tables and pictures; the defenses' come from config.DEFENSES
+# (None: no training), its label in tables and pictures, what the run needs, and the finding that is the test
+# ASR along its own path (a list named *_ASR: MCR's curve) where it records one; the defenses' come from their
+# modules' declarations (defenses.registry) and config.DEFENSES
 COLUMNS = {
-    'none': dict(script='evaluate.py', flags=[], log=None, label='none'),
-    **{key: dict(script=d['script'], flags=([] if d['script'] == 'train_teacher.py' else ['--defense', key])
-                 + ([] if d['blind'] else ['--mcl_target', TOLD]),  # MCL is told the row's target
-                 log='teacher' if key == 'ft' else key, label=d['label']) for key, d in config.DEFENSES.items()},
+    'none': dict(script='evaluate.py', flags=[], log=None, label='none', needs=(), curve=None),
+    **{key: dict(script=DEFENDER, flags=['--defense', key, *([spec.told, TOLD] if spec.told else [])],
+                 log=tag_of(key, SimpleNamespace(**config.DEFENSES[key])), label=spec.label, needs=spec.needs,
+                 curve=next((f for f in spec.findings if f.endswith('_ASR')), None))
+       for key, spec in registry().items() if not spec.filter},  # a run-time filter (STRIP) has its own table
     # not a defense: the never-poisoned control (the clean row's model) scored and re-tuned under this
     # row's trigger, the floor a real erasure reaches (ASR, ASR and RA after re-tuning)
-    'floor': dict(script='evaluate.py', flags=[], log=None, label='clean control'),
+    'floor': dict(script='evaluate.py', flags=[], log=None, label='clean control', needs=(), curve=None),
 }
 # told neither the trigger nor the target (the MCL columns are told the target)
-BLIND = tuple(key for key, d in config.DEFENSES.items() if d['blind'])
+BLIND = tuple(key for key in COLUMNS if key in registry() and not registry()[key].told)
+# options a cell's commands set from the table's own (common_flags, cell_commands): not the defense's recipe
+PER_CELL = ('data_root', 'dataset', 'seed', 'precision', 'deterministic', 's_model', 'ratio', 't_model', 'defense',
+            *{spec.told[2:] for spec in registry().values() if spec.told}, 'model', 'start', 'attack_from', 'arch',
+            'num_class', 'image_size', 'normalize',
+            'target_label', 'trigger_type', 'target_type', 'inject_portion', 'trig_w', 'trig_h', 'trigger_path')
+
+
+def resolved_options(script, defense=None):
+    """The values a script runs with from config.py (the chosen defense's entry, its groups), but those the
+    table sets per cell and those that change nothing a cell records (--eval_subset does: the paths' ASR)."""
+    parser = get_arguments(script, defense=defense)
+    unrecorded = set(NOT_RESULT) - {'eval_subset'}
+    return {a.dest: (list(a.default) if isinstance(a.default, tuple) else a.default) for a in parser._actions
+            if a.option_strings and a.dest not in ('help', *unrecorded, *PER_CELL)}
+
+
+def column_recipe(column):
+    """Everything a column's cells run with besides the row's settings and the seed: the defense's resolved
+    recipe (its config.DEFENSES entry through its options), the teacher's where it needs one, and the
+    retuning attack's and the path's numbers every cell ends with. A cell's file and work are keyed by its
+    hash (recipe_key), so an edit of config.py makes new cells, never serves the old ones."""
+    recipe = dict(retune=resolved_options('retune.py'), interpolate=resolved_options('interpolate.py'))
+    if column in registry():
+        recipe['defense'] = resolved_options(DEFENDER, column)
+    if 'teacher' in COLUMNS[column]['needs']:
+        recipe['teacher'] = resolved_options(DEFENDER, config.TEACHER_KEY)
+    return recipe
+
+
+def recipe_key(column):
+    return short_hash(column_recipe(column))
 
 
 def run(script, *flags, watch=None):
@@ -92,7 +132,7 @@ def locked(path, wait):
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def built_once(path, script, flags, watch=None):
+def built_once(path, script, *flags, watch=None):
     """Make the model `path` with `script` unless it exists, and keep the run's summary and wall time
     in <path>.json. Whoever needs it first builds it; the others wait for its lock, then find it."""
     with locked(path + '.lock', wait=True):
@@ -188,7 +228,7 @@ def row_model(args, attack, watch=None):
              *(['--trigger_path', args.trojan_pattern] if attack == 'trojan' else []),
              *(['--trigger_path', args.refool_source] if attack == 'refool' else []),
              *(['--epochs', args.epochs] if args.epochs is not None else [])]
-    return path, lambda: built_once(path, 'train_badnet.py', flags, watch)
+    return path, lambda: built_once(path, 'train_badnet.py', *flags, watch=watch)
 
 
 def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tuple(COLUMNS), watch=None):
@@ -201,13 +241,15 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
     trains = [*common, '--log_root', log_root]  # the scripts that train write a CSV per run
     path, model = (given_model, lambda: None) if given_model else row_model(args, attack, watch)
     s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
-    teacher = os.path.join(work, f'{attack}-ft.tar')
+    teaching = config.TEACHER_KEY  # the defense whose model is the others' teacher: its cell is the teacher's run
+    output = lambda name: os.path.join(work, f'{attack}-{name}-{recipe_key(name)}.tar')  # a recipe's own files
+    teacher = output(teaching)
 
     def model_and_teacher():
         model()
-        built_once(teacher, 'train_teacher.py', s_model, watch)
+        built_once(teacher, DEFENDER, *s_model, '--defense', teaching, watch=watch)
 
-    def ft_cell():  # the teacher's own training run; a teacher placed by hand is only scored
+    def teacher_cell():  # the teacher's own training run; a teacher placed by hand is only scored
         model_and_teacher()
         if not os.path.exists(teacher + '.json'):
             return go('evaluate.py', '--model', teacher, *common)
@@ -218,8 +260,8 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
     def defended(name):
         d = COLUMNS[name]
         told = [row_target(args, attack) if f is TOLD else f for f in d['flags']]  # MCL is told the row's target
-        flags = [*s_model, *told, '--output', os.path.join(work, f'{attack}-{name}.tar')]
-        uses_teacher = d['script'] == 'main-ARGD.py' or 't_model' in config.DEFENSES.get(name, {})  # ARGD, NAD, MCR
+        flags = [*s_model, *told, '--output', output(name)]
+        uses_teacher = 'teacher' in d['needs']  # ARGD, NAD, MCR
         flags += ['--t_model', teacher] if uses_teacher else []
         build = model_and_teacher if uses_teacher else model
 
@@ -256,6 +298,5 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
             return metrics, seconds + more
         return with_retune
 
-    cells = {'none': (undefended, path), 'ft': (ft_cell, teacher), 'floor': (floor, clean_path, under_row)}
-    return {name: retuned(*(cells.get(name) or (defended(name), os.path.join(work, f'{attack}-{name}.tar'))))
-            for name in names}
+    cells = {'none': (undefended, path), teaching: (teacher_cell, teacher), 'floor': (floor, clean_path, under_row)}
+    return {name: retuned(*(cells.get(name) or (defended(name), output(name)))) for name in names}

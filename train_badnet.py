@@ -17,15 +17,17 @@ import time
 import torch
 import torch.nn.functional as F
 
+from batching import train_batches
 from checkpoints import make_meta
 from cli import main_guard, parse_args
 from config import BADNET_RECIPES
-from data_loader import RunData, batch_poisoner, first_rank_first, poison_train_set, train_batches
+from data_loader import RunData, first_rank_first
 from device import compiled, data_parallel, end_distributed, prepare_model, setup
 from files import check_writable
 from label_consistent import hard_images
 from metrics import summary_line
 from models import select_model
+from poisoning import batch_poisoner, poison_train_set
 from refool import reflection_trigger
 from training import Steps, fit
 from utils import step_lr

@@ -6,24 +6,8 @@
 The recipe is NAD's teacher (defenses/ft.py, config.DEFENSES['ft']): all layers, cross-entropy, crop +
 flip + Cutout, SGD Nesterov, --teacher_lr for epochs 0-1 and a tenth of it after.
 """
-import os
-
 from cli import main_guard, parse_args
-from defenses import defense_setup, finish
-from defenses.ft import finetune, teacher_path
-from files import check_writable
-
-
-def main():
-    args = parse_args('train_teacher.py', description=__doc__.split('\n\n')[0])
-    run = defense_setup(args)
-    out = args.output or teacher_path(args, run.s_name)
-    csv_path = os.path.join(args.log_root, f'teacher_{run.s_name}.csv')
-    check_writable(out)
-    check_writable(csv_path)
-    metrics = finetune(args, run, run.model, out, csv_path)
-    finish(run, run.model, args, metrics, out, csv_path)
-
+from defenses.driver import defend
 
 if __name__ == '__main__':
-    main_guard(main)
+    main_guard(lambda: defend(parse_args('train_teacher.py', description=__doc__.split('\n\n')[0])))

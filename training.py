@@ -9,11 +9,11 @@ from typing import Callable, Optional
 import torch
 
 from checkpoints import load_checkpoint, on_cpu, save_checkpoint
-from data_loader import test_subset
 from device import autocast, unwrap
 from errors import UserError
 from files import atomic_save, write_csv
 from metrics import METRICS, evaluate
+from subsets import test_subset
 
 # options that do not change a run's result: a resumed run may differ in these only
 NOT_RESULT = ('device', 'threads', 'cuda_graphs', 'output', 'log_root', 'checkpoint_root', 'resume', 'eval_every',
@@ -31,6 +31,7 @@ class Steps:
     extra_modules: dict = field(default_factory=dict)  # trained beside the model where they need gradients; resumed
     meta: dict = field(default_factory=dict)  # what the run adds to the checkpoint's meta and the summary
     epochs: Optional[int] = None             # the defense's own count where it decides one (NC: 0, nothing flagged)
+    lr_at: Optional[Callable] = None         # epoch -> lr where the defense sets its own (FT: --teacher_lr's schedule)
     finish: Optional[Callable] = None        # after the last epoch: puts the defended weights in the model before
     #                                          it is scored and saved (MCR: its curve's point); no per-epoch scores
 
@@ -45,8 +46,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
     resume state, so --resume after a crash repeats the uninterrupted run exactly (or refuses, if any
     option that changes the result differs). Returns the final model's metrics.
     """
-    epochs = args.epochs if epochs is None else epochs
-    epochs = epochs if steps.epochs is None else steps.epochs
+    epochs = steps.epochs if steps.epochs is not None else args.epochs if epochs is None else epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
     extra_modules = dict(steps.extra_modules)
     params = list(model.parameters()) + [p for m in extra_modules.values() for p in m.parameters() if p.requires_grad]

@@ -19,13 +19,13 @@ def curve_lr(base, epoch, epochs):
     return base * (1.0 if alpha <= 0.5 else 1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9 else 0.01)
 
 
-def schedule(recipe, lr, epochs):
-    """lr_at(epoch) of a recipe (a config.DEFENSES entry): 'step' (its milestones and factors), 'cosine'
-    over `epochs`, 'curve' (MCR's), or 'constant'."""
-    if recipe['schedule'] == 'step':
-        return lambda epoch: step_lr(lr, epoch, recipe['milestones'], recipe['factors'])
-    if recipe['schedule'] == 'cosine':
+def schedule(name, lr, epochs, milestones=(), factors=(1,)):
+    """lr_at(epoch) of a named schedule: 'step' (lr * factors[i] from the i-th of the milestones), 'cosine' over
+    `epochs`, 'curve' (MCR's), or 'constant'."""
+    if name == 'step':
+        return lambda epoch: step_lr(lr, epoch, milestones, factors)
+    if name == 'cosine':
         return lambda epoch: cosine_lr(lr, epoch, epochs)
-    if recipe['schedule'] == 'curve':
+    if name == 'curve':
         return lambda epoch: curve_lr(lr, epoch, epochs)
     return lambda epoch: lr

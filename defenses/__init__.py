@@ -1,38 +1,75 @@
-"""The defenses, one module each (as models/ holds the models), registered in config.DEFENSES, and what
-every defense run shares: the start (device, the model under defense, the data, the defender's clean
-subset), the defender-side check at the end, and the summary.
+"""The defenses, one module each (as models/ holds the models), and what every defense run shares: the
+registry, the start (device, the model under defense, the data, the defender's clean subset), the
+defender-side check at the end, and the summary. defenses/driver.py runs any of them.
 
-A defense module exposes build(args, run, ...) -> training.Steps: what a batch is, the loss, and where
-needed a gradient point and an after-step hook; the one training loop (training.fit) drives it.
+A defense module declares, in itself:
+  KEYS      {key: dict(label=..., told=None or the flag that tells it the row's target, needs=(...))}: the
+            registered defenses it implements (each needs an entry of numbers in config.DEFENSES); needs
+            names what the run must be given: 'teacher' (FT's model, made first if absent); filter=True: a
+            run-time input filter that leaves the model as it is (STRIP), not a column of the erasers' table
+  FINDINGS  what the table records of its summary (flagged classes, chosen t, ...)
+  options(add)   its command-line options: option groups (options.py) and its own, each declared once
+  check(args)    (optional) its own checks of those options, before any work starts
+  build(ctx) -> training.Steps, or None where it ends the run itself (MCL with no target)
+  tag(args), meta_name(args), output(args, s_name)   (optional) its file names; default: the key
 """
+import functools
 import importlib
 import os
+import pkgutil
 import time
 from types import SimpleNamespace
 
 import config
+from batching import train_batches
 from checkpoints import load_model, plain_args
-from data_loader import RunData, train_batches
+from data_loader import RunData
 from device import setup
+from errors import UserError
 from metrics import accuracy, summary_line
+
+
+@functools.lru_cache(maxsize=None)
+def registry():
+    """{key: spec} of every defense module's KEYS, in config.DEFENSES's order (the table's columns). A spec:
+    key, module, label, told (the flag that tells it the target, or None: blind), needs, filter, findings."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f'{__name__}.{info.name}')
+        for key, spec in getattr(module, 'KEYS', {}).items():
+            if key in found:
+                raise AssertionError(f'defense {key} is declared by {found[key].module.__name__} and {module.__name__}')
+            found[key] = SimpleNamespace(key=key, module=module, label=spec['label'], told=spec.get('told'),
+                                         needs=tuple(spec.get('needs', ())), filter=spec.get('filter', False),
+                                         findings=tuple(getattr(module, 'FINDINGS', ())))
+    missing, unnumbered = set(config.DEFENSES) - set(found), set(found) - set(config.DEFENSES)
+    if missing or unnumbered:
+        raise AssertionError(f'config.DEFENSES keys without a module in defenses/: {sorted(missing)}; '
+                             f'defenses without their numbers in config.DEFENSES: {sorted(unnumbered)}')
+    return {key: found[key] for key in config.DEFENSES}
 
 
 def module(key):
     """The module in defenses/ that implements the registered defense `key`."""
-    return importlib.import_module(f"defenses.{config.DEFENSES[key]['module']}")
+    return registry()[key].module
 
 
-def clean_batches(args, run, recipe, normalizer=None, images=None):
-    """One epoch's batches of the defender's clean subset as a recipe (a config.DEFENSES entry) has them:
+def tag_of(key, args):
+    """A run's name in its files and logs (the key, or the module's own: ft-si for ft-at with a synthesised
+    trigger, teacher for FT)."""
+    return getattr(module(key), 'tag', lambda a: key)(args)
+
+
+def clean_batches(args, run, normalizer=None, images=None, recipe=None):
+    """One epoch's batches of the defender's clean subset as the recipe (default: the run's options) has them:
     its augmentation (crop + flip where the data set has them, Cutout), no ragged last batch where it says
     so. normalizer: the model's (default), or another (raw [0,1] where images change before normalising).
-    Cutout is --cutout where the script has it (FT, NAD, ARGD), else the recipe's. images: (x, y), a part
-    of the subset (default: all of it)."""
-    cutout = getattr(args, 'cutout', recipe['cutout'])
+    images: (x, y), a part of the subset (default: all of it)."""
+    recipe = recipe or args
     x, y = images or (run.x, run.y)
     return lambda epoch: train_batches(x, y, args.batch_size, normalizer or run.data.normalizer, args.seed,
-                                       epoch, augment_data=recipe['augment'], drop_last=recipe['drop_last'],
-                                       cutout=cutout, crop_flip=run.data.crop_flip)
+                                       epoch, augment_data=recipe.augment, drop_last=recipe.drop_last,
+                                       cutout=recipe.cutout, crop_flip=run.data.crop_flip)
 
 
 def defense_setup(args):
@@ -40,7 +77,8 @@ def defense_setup(args):
     meta, the data with the attack for evaluation, and the defender's clean subset."""
     started = time.time()
     device = setup(args)
-    s_path = args.s_model or os.path.join(args.checkpoint_root, 's_net', f'{args.arch}.tar')
+    root = getattr(args, 'checkpoint_root', config.TRAINING['checkpoint_root'])  # main_strip.py writes nothing there
+    s_path = args.s_model or os.path.join(root, 's_net', f'{args.arch}.tar')
     model, meta = load_model(s_path, args, None, device)
     data = RunData(args, device, meta)
     x, y = data.clean_subset(args.ratio, args.seed, device)
@@ -71,7 +109,11 @@ def defense_meta(meta, args, defense):
 
 
 def finish(run, model, args, metrics, saved, *more):
-    """Every defense script's last lines: the defender's check, where the files went, the summary."""
+    """Every defense run's last lines: the defender's check, where the files went, the summary."""
     defender_check(run, model, args, metrics)
     print(f"saved {saved} ({time.time() - run.started:.0f}s); log {'; '.join(more)}")
     print(summary_line(metrics, args.json))
+
+
+def unknown(key):
+    return UserError(f"unknown defense '{key}' (choose from {', '.join(registry())})")

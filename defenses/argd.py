@@ -17,7 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from at import attention_map
-from defenses.nad import distill
+from defenses.nad import distill, distillation_names, distillation_options
+from errors import UserError
+
+KEYS = {'argd': dict(label='ARGD', needs=('teacher',)),
+        # ARGD with a newer defense's ingredient (not in the paper): FT-SI's synthesised trigger at true labels
+        'argd-si': dict(label='ARGD-SI', needs=('teacher',))}
+FINDINGS = ('detected', 'anomaly_index')  # with --source inverted: the synthesised trigger's detection
+tag, meta_name, output = distillation_names('argd')
 
 EDGE_PAIRS = ((0, 1), (1, 2), (0, 2))
 
@@ -95,7 +102,7 @@ class ARGDLoss(nn.Module):
 
 
 def options(add):
-    add('--p', type=float, help='AT: power of |activation| in the attention map')
+    distillation_options(add)
     add('--vert_weights', help='ARGD: vertex (AT) weights of groups 1,2,3')
     add('--w_vert', type=float, help='ARGD: weight of the vertex loss')
     add('--w_edge', type=float, help='ARGD: weight of the edge (relation graph) loss')
@@ -105,8 +112,17 @@ def options(add):
         'projections with the student (the reference leaves them at their random initialisation)')
 
 
-def build(args, run, teacher):
-    """The student (run.model) distilled from `teacher`; the loss's projections resume with the run."""
+def check(args):
+    try:
+        args.vert_weights = [float(v) for v in str(args.vert_weights).split(',')]
+        assert len(args.vert_weights) == 3
+    except (ValueError, AssertionError):
+        raise UserError(f"--vert_weights needs three comma-separated numbers, got '{args.vert_weights}'")
+
+
+def build(ctx):
+    """The student (ctx.model) distilled from the teacher; the loss's projections resume with the run."""
+    args, run, teacher = ctx.args, ctx, ctx.teacher
     criterion = ARGDLoss(3, args.vert_weights, args.w_vert, args.w_edge, args.w_emb, args.qk_dim, args.p,
                          trainable=args.train_projections).to(run.device)
     return distill(args, run, run.model, teacher, criterion, {'argd': criterion})

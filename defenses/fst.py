@@ -7,16 +7,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data_loader import seeded
-from defenses.ft_at import raw_batches
+from defenses.ft_at import fine_tuning_options, raw_batches
+from subsets import seeded
 from training import Steps
+
+KEYS = {'fst': dict(label='FST')}
 
 
 def options(add):
+    fine_tuning_options(add)
     add('--alpha', type=float, minimum=0, help='FST: weight of the inner product of the new head with the original head')
 
 
-def build(args, run):
+def build(ctx):
+    args, run = ctx.args, ctx
     model, norm = run.model, run.data.normalizer.normalize_float
     head = model.fc
     w_orig, head_norm = head.weight.detach().clone(), head.weight.detach().float().norm()

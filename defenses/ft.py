@@ -7,9 +7,11 @@ only, crop + flip + Cutout, SGD Nesterov, --teacher_lr for epochs 0-1 and a tent
 """
 import copy
 import os
+from types import SimpleNamespace
 
 import torch.nn.functional as F
 
+import options as groups
 from checkpoints import load_model
 from config import DEFENSES
 from defenses import clean_batches, defense_meta
@@ -18,10 +20,40 @@ from files import content_hash
 from training import Steps, fit
 from utils import schedule
 
+KEY = 'ft'
+KEYS = {KEY: dict(label='FT')}  # blind; its model is also NAD's, ARGD's and MCR's teacher
 
-def build(args, run, model):
-    """Cross-entropy on the clean subset's batches (NAD's get_train_loader: crop + flip + Cutout)."""
-    return Steps(batches=clean_batches(args, run, DEFENSES['ft']), loss=lambda x, y: F.cross_entropy(model(x), y))
+
+def options(add):
+    groups.teacher(add)  # --t_model: where FT's model goes; --teacher_epochs, --teacher_lr: its epochs and lr
+    groups.recipe(add)
+
+
+def tag(args):
+    return 'teacher'
+
+
+def meta_name(args):
+    return 'finetune'
+
+
+def output(args, s_name):
+    return teacher_path(args, s_name)
+
+
+def steps(args, run, model, recipe):
+    """Cross-entropy on the clean subset's batches (NAD's get_train_loader: crop + flip + Cutout), FT's
+    schedule of --teacher_lr over --teacher_epochs."""
+    return Steps(batches=clean_batches(args, run, recipe=recipe), loss=lambda x, y: F.cross_entropy(model(x), y),
+                 epochs=args.teacher_epochs, lr_at=schedule(recipe.schedule, args.teacher_lr, args.teacher_epochs,
+                                                            recipe.milestones, recipe.factors))
+
+
+def build(ctx):
+    """FT as the defense run (train_teacher.py): its recipe from the run's options. The checkpoint records
+    which student it was fine-tuned from (see check_student)."""
+    ctx.checkpoint_meta['student'] = content_hash(ctx.s_path)
+    return steps(ctx.args, ctx, ctx.model, ctx.args)
 
 
 def teacher_path(args, s_name):
@@ -29,12 +61,13 @@ def teacher_path(args, s_name):
 
 
 def finetune(args, run, model, out, csv_path, tag='teacher'):
-    """Fine-tune `model` in place on the clean subset run.x/run.y, save it to `out`; returns its metrics."""
-    recipe = DEFENSES['ft']
+    """Fine-tune `model` in place on the clean subset run.x/run.y as FT's entry has it (another defense's
+    teacher: its batch size, momentum and weight decay are the run's), save it to `out`; returns its metrics."""
+    recipe = SimpleNamespace(**DEFENSES[KEY])
     meta = dict(defense_meta(run.meta, args, 'finetune'), student=content_hash(run.s_path))  # see check_student
-    return fit(args, model, build(args, run, model), schedule(recipe, args.teacher_lr, args.teacher_epochs),
-               run.data.test, run.data.normalizer, out_path=out, csv_path=csv_path, meta=meta,
-               epochs=args.teacher_epochs, nesterov=recipe['nesterov'], evaluate_first=True, tag=tag)
+    teach = steps(args, run, model, recipe)
+    return fit(args, model, teach, teach.lr_at, run.data.test, run.data.normalizer, out_path=out, csv_path=csv_path,
+               meta=meta, nesterov=recipe.nesterov, evaluate_first=True, tag=tag)
 
 
 def teacher_model(args, run, t_path):

@@ -8,14 +8,23 @@ import copy
 import torch
 import torch.nn.functional as F
 
+import options as groups
 from adversarial import pgd_untargeted, with_adversarial_share, with_pattern_share
-from config import DEFENSES
-from data_loader import Normalizer, seeded
+from batching import Normalizer
 from defenses import clean_batches
 from device import autocast
 from inversion import synthesised_trigger
 from metrics import predict
+from subsets import seeded
 from training import Steps
+
+KEYS = {'ft-at': dict(label='FT-AT'), 'ft-si': dict(label='FT-SI')}  # FT-SI: --source inverted
+FINDINGS = ('detected', 'anomaly_index')  # with --source inverted: the synthesised trigger's detection
+
+
+def tag(args):
+    """ft-si with the synthesised trigger, whichever key chose it."""
+    return 'ft-si' if args.source == 'inverted' else 'ft-at'
 
 
 def pgd_options(add):
@@ -24,8 +33,17 @@ def pgd_options(add):
     add('--adv_steps', type=int, minimum=1, help='PGD steps')
 
 
+def fine_tuning_options(add):
+    """What every fine-tuning defense of main_ft.py reads: the schedule and the recipe."""
+    groups.schedule(add)
+    groups.recipe(add)
+
+
 def options(add):
     """Its command-line options (their defaults: its config.DEFENSES entry)."""
+    fine_tuning_options(add)
+    groups.share(add)
+    groups.source(add)
     add('--adv_against', choices=('original', 'current'), help="FT-AT/PAM: PGD against the model as given, or as "
         'it is being tuned')
     pgd_options(add)
@@ -34,13 +52,18 @@ def options(add):
 
 def raw_batches(args, run):
     """The recipe's batches of the clean subset in [0,1] (perturbations are added before normalising)."""
-    return clean_batches(args, run, DEFENSES[args.defense], Normalizer('none', run.device))
+    return clean_batches(args, run, Normalizer('none', run.device))
 
 
-def build(args, run):
+def build(ctx):
+    return share_steps(ctx.args, ctx)
+
+
+def share_steps(args, run):
+    """FT's steps with the share of each batch: PGD images, or the synthesised trigger (--source inverted)."""
     model, norm = run.model, run.data.normalizer.normalize_float
     clean_batches = raw_batches(args, run)
-    pattern, synthesised = synthesised_trigger(run, args.seed, args.amp) if args.source == 'inverted' else (None, {})
+    pattern, synthesised = synthesised_trigger(run, args) if args.source == 'inverted' else (None, {})
     # PGD against the model as given: its adversarial directions are the backdoor's (on the zoo's Blended
     # model 244 of 256 land on the target); the model being purified soon has only generic ones
     if pattern is None:

@@ -11,16 +11,20 @@ the hypergradient reads the set's first batch at every step; here each batch's o
 import torch
 import torch.nn.functional as F
 
-from config import DEFENSES
-from defenses.ft_at import raw_batches
+from defenses.ft_at import fine_tuning_options, raw_batches
 from device import autocast
 from training import Steps
 
+KEYS = {'i-bau': dict(label='I-BAU')}
+
 
 def options(add):
+    fine_tuning_options(add)
     add('--ibau_k', type=int, minimum=1, help='I-BAU: fixed-point iterations of the hypergradient (K)')
     add('--ibau_inner_lr', type=float, minimum=0, help="I-BAU: SGD lr of the universal perturbation's search")
     add('--ibau_fp_step', type=float, minimum=0, help="I-BAU: step of the inner problem's fixed-point map")
+    add('--ibau_reg', type=float, minimum=0, help='I-BAU: weight of |delta|^2 in the inner loss')
+    add('--ibau_share', type=float, minimum=0, help='I-BAU: share of a batch carrying the perturbation in the outer loss')
 
 
 def implicit_surrogate(outer, inner, delta, step, k):
@@ -57,20 +61,20 @@ def universal_perturbation(model, batches, norm, shape, lr, reg, device, amp):
     return delta.detach()
 
 
-def build(args, run):
+def build(ctx):
+    args, run = ctx.args, ctx
     model, norm = run.model, run.data.normalizer.normalize_float
-    recipe = DEFENSES[args.defense]
     batches, state = raw_batches(args, run), {}
     shape = (1, 3, run.x.shape[1], run.x.shape[2])
 
     def epoch_batches(epoch):  # a round: the perturbation against the model as it starts the round, then its batches
         state['delta'] = universal_perturbation(model, batches(epoch), norm, shape, args.ibau_inner_lr,
-                                                recipe['ibau_reg'], run.device, args.amp)
+                                                args.ibau_reg, run.device, args.amp)
         print(f"I-BAU round {epoch + 1}: universal perturbation L2 {float(state['delta'].norm()):.2f}", flush=True)
         yield from batches(epoch)
 
     def loss(x01, y):
-        n = int(len(y) * recipe['ibau_share'])  # the reference: int(batch * 1%) images carry the perturbation
+        n = int(len(y) * args.ibau_share)  # the reference: int(batch * 1%) images carry the perturbation
         patch = torch.zeros_like(x01)
         patch[:n] = 1.0  # the batch order is random: its first images are a random choice
 
@@ -78,7 +82,7 @@ def build(args, run):
             return F.cross_entropy(model(norm(x01 + patch * delta)).float(), y)
 
         def inner(delta):
-            return -F.cross_entropy(model(norm(x01 + delta)).float(), y) + recipe['ibau_reg'] * delta.pow(2).sum()
+            return -F.cross_entropy(model(norm(x01 + delta)).float(), y) + args.ibau_reg * delta.pow(2).sum()
         delta = state['delta'].clone().requires_grad_(True)
         return implicit_surrogate(outer, inner, delta, args.ibau_fp_step, args.ibau_k)
     return Steps(batches=epoch_batches, loss=loss, train_mode=False)

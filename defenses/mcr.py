@@ -14,26 +14,36 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from config import DEFENSES
-from data_loader import seeded, test_subset
+import options as groups
 from defenses import clean_batches
-from defenses.ft import teacher_model, teacher_path
+from defenses.ft_at import fine_tuning_options
 from device import autocast
-from files import check_writable
+from errors import UserError
 from metrics import accuracy, evaluate
+from subsets import seeded, test_subset
 from training import Steps
+
+KEYS = {'mcr': dict(label='MCR', needs=('teacher',))}  # the curve's end: FT's teacher
+FINDINGS = ('mcr_t', 'curve_ASR')  # the point chosen, the test ASR along the curve (recorded, never read)
 
 GRID = [i / 10 for i in range(5, 10)]  # the points t may be chosen from: the interior half nearer the repaired end
 PATH = [i / 10 for i in range(11)]      # where the test ASR along the curve is recorded
 
 
 def options(add):
-    add('--t_model', help='MCR: the curve\'s end (t = 1), FT\'s teacher (default: <checkpoint_root>/t_net/<s_name>.tar; '
-        'fine-tuned from --s_model first if the file does not exist)')
-    add('--teacher_epochs', type=int, help='MCR: epochs of the teacher\'s fine-tuning, where it is made here')
-    add('--teacher_lr', type=float, minimum=0, help='MCR: initial lr of the teacher\'s fine-tuning')
+    fine_tuning_options(add)
+    groups.teacher(add)  # the curve's end (t = 1)
+    add('--mcr_held_out', type=float, minimum=0, help="MCR: share of the clean subset kept from the curve to choose "
+        't on')
     add('--mcr_t', help="MCR: the curve's point written as the model, or 'auto': of t = 0.5 ... 0.9 the best on the "
         "held-out tenth of the defender's subset")
+
+
+def check(args):
+    try:
+        assert args.mcr_t == 'auto' or 0 <= float(args.mcr_t) <= 1
+    except (ValueError, AssertionError):
+        raise UserError(f"--mcr_t must be 'auto' or a number in [0, 1], got '{args.mcr_t}'")
 
 
 def bezier(t, start, bend, end):
@@ -61,20 +71,17 @@ def update_bn(model, batches, amp=False):
     model.eval()
 
 
-def build(args, run):
+def build(ctx):
+    args, run, teacher = ctx.args, ctx, ctx.teacher
     model, data = run.model, run.data
-    recipe = DEFENSES[args.defense]
-    t_path = teacher_path(args, run.s_name)
-    check_writable(t_path)
-    teacher = teacher_model(args, run, t_path)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     end = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    held = max(1, round(len(run.y) * recipe['mcr_held_out']))  # the subset is in random order: its last tenth
+    held = max(1, round(len(run.y) * args.mcr_held_out))  # the subset is in random order: its last tenth
     x_fit, y_fit, x_held, y_held = run.x[:-held], run.y[:-held], run.x[-held:], run.y[-held:]
     with torch.no_grad():  # the reference's linear initialisation of the bend
         for n, p in model.named_parameters():
             p.copy_((start[n] + end[n]) / 2)
-    batches = clean_batches(args, run, recipe, images=(x_fit, y_fit))
+    batches = clean_batches(args, run, images=(x_fit, y_fit))
     meta, drawn = {}, {}
 
     def curve_batches(epoch):  # each batch with its point of the curve, drawn from the epoch's own stream

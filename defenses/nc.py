@@ -8,23 +8,29 @@ and leaves the model as it is (0 epochs).
 Numbers: config.DEFENSES['nc'] (the reference's, VinAIResearch/input-aware-backdoor-attack-release
 defenses/neural_cleanse, and the paper's unlearning).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import options as groups
 from adversarial import share_count
-from config import DEFENSES, INVERSION_IMAGES
-from data_loader import Normalizer
+from batching import Normalizer
+from config import INVERSION_IMAGES
 from defenses import clean_batches
-from device import autocast
-from inversion import anomaly_indices
+from defenses.ft_at import fine_tuning_options
+from inversion import Search, anomaly_indices, frozen, search
 from training import Steps
 
+KEYS = {'nc': dict(label='NC')}
+FINDINGS = ('nc_flagged', 'nc_anomaly_index')  # the classes it flagged, the largest anomaly index
 EPS = 1e-7  # NC's EPSILON: tanh / (2 + eps) + 0.5 stays inside (0, 1)
 
 
 def options(add):
+    fine_tuning_options(add)
+    groups.share(add)  # the share of each batch its reversed triggers are stamped on
     add('--nc_epochs', type=int, minimum=1, help='NC: reverse-engineering passes per class (early stop may end one '
         'sooner)')
     add('--nc_images', type=int, minimum=1, help="NC: clean images per pass (a fresh random draw of the defender's "
@@ -34,6 +40,8 @@ def options(add):
     add('--nc_patience', type=int, minimum=1, help='NC: passes above / below the success bound before the cost moves')
     add('--nc_early_stop', type=int, minimum=1, help='NC: stop a class after this many passes without a 1%% smaller '
         'mask, once its cost has moved both ways')
+    add('--nc_bound', type=float, minimum=0, help='NC: success a mask must reach to count')
+    add('--nc_lr', type=float, minimum=0, help='NC: Adam lr on the mask and pattern')
 
 
 def to_unit(raw):
@@ -44,13 +52,6 @@ def to_unit(raw):
 def apply_trigger(x01, mask, pattern):
     """NC's trigger: (1 - m) x + m p; x (N, C, H, W) in [0,1], mask (1, H, W) or (N, 1, H, W), pattern (C, H, W)."""
     return (1 - mask) * x01 + mask * pattern
-
-
-def nc_loss(logits, targets, masks, cost):
-    """NC's objective, per class: the mean cross-entropy of its stamped images to its class + cost * |m|_1.
-    logits (K * B, C) in blocks of B images per class, targets (K * B,), masks (K, 1, H, W), cost (K,) -> (K,)."""
-    ce = F.cross_entropy(logits.float(), targets, reduction='none').view(len(masks), -1).mean(1)
-    return ce + cost * masks.abs().sum((1, 2, 3))
 
 
 class CostSchedule:
@@ -91,63 +92,54 @@ class CostSchedule:
         return False
 
 
-def reverse_engineer(model, x, normalizer, num_classes, epochs, images, batch_size, init_cost, bound, patience,
-                     early_stop, lr, seed, amp=False):
-    """NC's reverse engineering of every class at once: each batch is stacked once per class (class k's copy
-    carries mask k and pattern k), so one forward serves them all; each class has its own mask, pattern, cost
-    and counters, Adam's update is per element and the model is frozen in eval mode, so a class gets what it
-    would alone. x: clean uint8 images (N, H, W, C). Returns [(mask (1, H, W), pattern (3, H, W), info)] per
-    class: the best mask that reached the bound, else the last one (as the reference); info = dict(l1, passes,
-    found)."""
+@dataclass
+class Reversal:
+    """NC's reverse-engineering numbers (config.DEFENSES['nc'], through its options)."""
+    epochs: int                # passes per class (its early stop may end one sooner)
+    images: int                # clean images per pass, a fresh seeded draw
+    batch_size: int
+    init_cost: float           # initial weight of the mask norm
+    bound: float               # success a mask must reach to count
+    patience: int              # passes above / below the bound before the cost moves
+    early_stop: int            # passes without a 1% smaller mask before a class stops
+    lr: float                  # Adam's
+    seed: int = 0
+    amp: object = False
+
+
+def reverse_engineer(model, x, normalizer, num_classes, nc, max_images=INVERSION_IMAGES):
+    """NC's reverse engineering of every class at once (the numbers of nc, a Reversal), on the one search loop MCL's
+    inversion runs too
+    (inversion.search: each batch stacked once per class, class k's copy carrying mask k and pattern k; each class
+    has its own mask, pattern, cost and counters, the model frozen in eval mode). x: clean uint8 images (N, H, W, C).
+    Returns [(mask (1, H, W), pattern (3, H, W), info)] per class: the best mask that reached the bound, else the
+    last one (as the reference); info = dict(l1, passes, found)."""
     device, k, (h, w) = x.device, num_classes, x.shape[1:3]
     mask_raw = torch.ones(k, 1, h, w, device=device, requires_grad=True)      # the reference's init: tanh(1)
     pattern_raw = torch.ones(k, 3, h, w, device=device, requires_grad=True)
-    opt = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
-    schedules = [CostSchedule(init_cost, bound, patience, early_stop) for _ in range(k)]
-    order_g = torch.Generator().manual_seed(seed * 7919 + 17)
-    images, batch_size = min(images, len(x)), min(batch_size, len(x))
-    labels = torch.arange(k, device=device).repeat_interleave(batch_size)
-    per_forward = max(1, INVERSION_IMAGES // batch_size)  # classes per forward (43 GTSRB classes x 64: two)
-    chunks = [(c, min(c + per_forward, k)) for c in range(0, k, per_forward)]
-    live, passes = [True] * k, [0] * k
-    requires = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval().requires_grad_(False)
-    for epoch in tqdm(range(1, epochs + 1), desc=f'NC: reverse-engineering {k} classes', unit='pass', disable=None,
-                      leave=False):
-        order = torch.randperm(len(x), generator=order_g)[:images].to(device)
-        hits, norms, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
-        cost = torch.tensor([s.cost for s in schedules], device=device)
-        weight = torch.tensor(live, dtype=torch.float32, device=device)
-        for i in range(0, images - batch_size + 1, batch_size):
-            xb = x[order[i:i + batch_size]].permute(0, 3, 1, 2).float() / 255
-            opt.zero_grad(set_to_none=True)
-            for c0, c1 in chunks:  # gradients of every chunk of classes summed before the one step
-                masks, patterns = to_unit(mask_raw[c0:c1]), to_unit(pattern_raw[c0:c1])
-                stamped = apply_trigger(xb[None], masks[:, None], patterns[:, None]).flatten(0, 1)
-                with autocast(device, amp):
-                    out = model(normalizer.normalize_float(stamped)).float()
-                wanted = labels[c0 * batch_size:c1 * batch_size]
-                (nc_loss(out, wanted, masks, cost[c0:c1]) * weight[c0:c1]).sum().backward()
-                hits[c0:c1] += (out.argmax(1) == wanted).float().view(c1 - c0, batch_size).mean(1).detach()
-                norms[c0:c1] += masks.detach().abs().sum((1, 2, 3))
-            opt.step()
-            steps += 1
-        success, norm = (hits / steps).tolist(), (norms / steps).tolist()
+    schedules = [CostSchedule(nc.init_cost, nc.bound, nc.patience, nc.early_stop) for _ in range(k)]
+    live, passes, last = [True] * k, [0] * k, {}
+
+    def stamp(xb, c0, c1):
+        masks, patterns = to_unit(mask_raw[c0:c1]), to_unit(pattern_raw[c0:c1])
+        return apply_trigger(xb[None], masks[:, None], patterns[:, None]).flatten(0, 1), masks.abs().sum((1, 2, 3))
+
+    def after_pass(epoch, success, norm):
         with torch.no_grad():
-            masks, patterns = to_unit(mask_raw), to_unit(pattern_raw)
+            last['masks'], last['patterns'] = to_unit(mask_raw), to_unit(pattern_raw)
         for c in range(k):
             if live[c]:
                 passes[c] = epoch
-                live[c] = not schedules[c].after_pass(success[c], norm[c], masks[c], patterns[c])
-        if not any(live):
-            break
-    for p, r in zip(model.parameters(), requires):
-        p.requires_grad_(r)
-    model.train(was_training)
+                live[c] = not schedules[c].after_pass(success[c], norm[c], last['masks'][c], last['patterns'][c])
+        return not any(live)
+    with frozen(model):
+        search(model, x, normalizer, Search(list(range(k)), [mask_raw, pattern_raw], stamp,
+                                            lambda: [s.cost for s in schedules], lambda: live, after_pass,
+                                            nc.seed * 7919 + 17, nc.images, f'NC: reverse-engineering {k} classes'),
+               nc.epochs, nc.batch_size, nc.lr, nc.amp, max_images)
     results = []
     for c, s in enumerate(schedules):
-        mask, pattern = s.best if s.best is not None else (masks[c].detach(), patterns[c].detach())
+        mask, pattern = s.best if s.best is not None else (last['masks'][c].detach(), last['patterns'][c].detach())
         results.append((mask, pattern, dict(l1=float(mask.abs().sum()), passes=passes[c], found=s.best is not None)))
     return results
 
@@ -172,12 +164,12 @@ def with_trigger_share(x01, triggers, share):
     return x01
 
 
-def build(args, run):
+def build(ctx):
+    args, run = ctx.args, ctx
     model, norm = run.model, run.data.normalizer.normalize_float
-    recipe = DEFENSES[args.defense]
-    found = reverse_engineer(model, run.x, run.data.normalizer, run.data.num_classes, args.nc_epochs, args.nc_images,
-                             args.nc_batch_size, args.nc_init_cost, recipe['nc_bound'], args.nc_patience,
-                             args.nc_early_stop, recipe['nc_lr'], args.seed, args.amp)
+    found = reverse_engineer(model, run.x, run.data.normalizer, run.data.num_classes,
+                             Reversal(args.nc_epochs, args.nc_images, args.nc_batch_size, args.nc_init_cost,
+                                      args.nc_bound, args.nc_patience, args.nc_early_stop, args.nc_lr, args.seed, args.amp))
     norms = [info['l1'] for _, _, info in found]
     for c, (_, _, info) in enumerate(found):
         print(f"NC class {c}: mask L1 {info['l1']:.2f}, {'reached' if info['found'] else 'missed'} the bound, "
@@ -192,7 +184,7 @@ def build(args, run):
     print(f"NC: flagged {', '.join(f'class {c} (index {idx[c]:.2f})' for c in flagged)}; unlearning with "
           f'their reversed triggers on {args.adv_share:g} of each batch at the true labels', flush=True)
     triggers = [found[c][:2] for c in flagged]
-    batches = clean_batches(args, run, recipe, Normalizer('none', run.device))
+    batches = clean_batches(args, run, Normalizer('none', run.device))
     return Steps(batches=lambda epoch: ((with_trigger_share(x01, triggers, args.adv_share), y)
                                         for x01, y in batches(epoch)),
                  loss=lambda x01, y: F.cross_entropy(model(norm(x01)), y), meta=meta)

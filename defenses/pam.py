@@ -9,6 +9,13 @@ import torch
 
 from defenses import ft_at
 
+KEYS = {'pam': dict(label='PAM')}
+FINDINGS = ft_at.FINDINGS
+
+
+def tag(args):
+    return 'pam-si' if args.source == 'inverted' else 'pam'
+
 
 def options(add):
     ft_at.options(add)
@@ -16,9 +23,9 @@ def options(add):
         'ones where the gradient is taken (0: plain gradient)')
 
 
-def build(args, run):
-    steps = ft_at.build(args, run)
-    steps.gradient_point = path_aware(run.model, args.rho)
+def build(ctx):
+    steps = ft_at.share_steps(ctx.args, ctx)
+    steps.gradient_point = path_aware(ctx.model, ctx.args.rho)
     return steps
 
 

@@ -9,11 +9,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from defenses.ft_at import pgd_options, raw_batches
+from defenses.ft_at import fine_tuning_options, pgd_options, raw_batches
 from training import Steps
+
+KEYS = {'sau': dict(label='SAU')}
 
 
 def options(add):
+    fine_tuning_options(add)
     pgd_options(add)
     add('--sau_beta_adv', type=float, minimum=0, help='SAU: weight of the adversarial term of the shared PGD')
     add('--sau_beta_shared', type=float, minimum=0, help='SAU: weight of the agreement (JS) term of the shared PGD')
@@ -21,7 +24,8 @@ def options(add):
         'cross-entropy')
 
 
-def build(args, run):
+def build(ctx):
+    args, run = ctx.args, ctx
     model, norm = run.model, run.data.normalizer.normalize_float
     reference = copy.deepcopy(model).eval().requires_grad_(False)
 

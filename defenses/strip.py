@@ -3,14 +3,57 @@ superimposed with N clean images of the defender's subset (the reference's cv2.a
 the two [0,1] images added, unclipped); a triggered input keeps its (target) prediction whatever it is mixed
 with, so the entropy of its N predictions stays low. Inputs whose mean entropy falls below a threshold are
 rejected; the threshold is the FRR-quantile (1%) of the normal distribution fitted to the defender's own
-clean images' entropies, as the paper sets it (main_strip.py).
+clean images' entropies, as the paper sets it (main_strip.py, main_ft.py --defense strip). Registered as a filter:
+it leaves the model as it is and is not a column of the erasers' table (results/README.md has its own).
 """
 import statistics
+import time
 
 import torch
 
-from data_loader import seeded
+import options as groups
+from config import STRIP_BATCH
 from device import autocast
+from errors import UserError
+from metrics import predict, summary_line
+from subsets import seeded, test_subset
+
+KEYS = {'strip': dict(label='STRIP', filter=True)}  # blind; a run-time filter, the model unchanged
+FINDINGS = ('FRR', 'FAR', 'AUROC', 'ASR_through', 'threshold')
+
+
+def options(add):
+    groups.strip(add)
+
+
+def check(args):
+    if not 0 < args.strip_frr < 1:
+        raise UserError(f'--strip_frr must be in (0, 1), got {args.strip_frr}')
+
+
+def build(ctx):
+    """Set the threshold on the defender's own clean images, score --strip_images clean and triggered test images,
+    print FRR, FAR, AUROC, the model's ASR on them and the ASR that gets through; None: nothing to train or write."""
+    args, run = ctx.args, ctx
+    model, norm, n = run.model.eval(), run.data.normalizer, args.strip_n
+    score = lambda x, stream: strip_entropy(model, x, run.x, norm, n, args.seed, stream, STRIP_BATCH, args.amp)
+    own = score(run.x[:args.strip_images], 'strip-defender')
+    threshold = threshold_at(own, args.strip_frr)
+    print(f"threshold {threshold:.4f} bits: the {args.strip_frr:g} quantile of the normal fitted to {len(own)} of the "
+          f"defender's clean images (mean {float(own.mean()):.4f}, std {float(own.std()):.4f})", flush=True)
+    test = test_subset(run.data.test, args.strip_images, args.seed)
+    t0 = time.time()
+    clean, triggered = score(test['x_clean'], 'strip-clean'), score(test['x_bd'], 'strip-triggered')
+    accepted = triggered >= threshold
+    hits = predict(model, test['x_bd'], norm, args.eval_batch_size, args.amp) == test['y_bd']
+    pct = lambda t: round(100.0 * t.float().mean().item(), 2)
+    metrics = dict(FRR=pct(clean < threshold), FAR=pct(accepted), AUROC=round(100 * auroc(clean, triggered), 2),
+                   ASR=pct(hits), ASR_through=pct(accepted & hits), threshold=round(threshold, 4),
+                   images=[len(clean), len(triggered)], n=n, seconds=round(time.time() - run.started, 1))
+    print(f"{len(clean)} clean and {len(triggered)} triggered test images, {n} overlays each "
+          f"({time.time() - t0:.0f}s): entropy clean {float(clean.mean()):.3f}, triggered {float(triggered.mean()):.3f}")
+    print(summary_line(metrics, True) if args.json else
+          ' '.join(f'{k} {metrics[k]:.2f}' for k in ('FRR', 'FAR', 'AUROC', 'ASR', 'ASR_through')))
 
 
 def superimpose(x01, overlays):

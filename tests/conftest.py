@@ -99,3 +99,46 @@ def backdoored(image_folder, tmp_path_factory):
     """A WRN-10-1 with a planted 5x5 corner patch (target 0), and its training output. Trained without
     crop/flip so the patch stays in place: a tiny model learns it in a few epochs."""
     return train_toy(image_folder, tmp_path_factory.mktemp('bd'), 'bd', '--inject_portion', 0.3)
+
+
+# ============================================================================ every registered defense
+# The suite's coverage of the defenses is driven by the registry (defenses.registry): a new defense's key gets the
+# end-to-end, resume, bad-input and CUDA tests without being listed. TOY holds the flags a defense needs beyond
+# TOY_DEFAULT to erase the toy backdoor (200 clean images) in seconds; a defense is told the target where it is.
+TOY_DEFAULT = ['--epochs', 6, '--batch_size', 32]
+TOY = {
+    'ft': ['--teacher_epochs', 6, '--batch_size', 32],
+    'pam': ['--epochs', 8, '--batch_size', 32, '--lr', 0.05],
+    'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
+    'nc': ['--epochs', 6, '--batch_size', 32, '--lr', 0.05],   # the paper's one epoch is 6 steps here
+    'i-bau': ['--batch_size', 32],
+    'mcr': ['--epochs', 20, '--batch_size', 32],
+    'argd-si': ['--batch_size', 32, '--lr', 0.01],  # 0.01: see test_argd_without_teacher_fine_tunes_one_and_erases
+    'mcl': ['--epochs', 6, '--batch_size', 32, '--inv_epochs', 10],
+    'strip': ['--strip_images', 40, '--strip_n', 8],  # a filter: nothing to train
+    'mcl-tk': ['--batch_size', 32, '--epochs', 8, '--inv_epochs', 20, '--inv_patience', 6],
+}
+# the defenses the table's end-to-end test (test_table.py) runs; every other one runs in test_purify.py
+IN_THE_TABLE_TEST = ('ft', 'nad', 'argd', 'mcl')
+
+
+def toy_flags(key, epochs=None):
+    """--defense KEY with the flags that run it on the toy (epochs: its epoch count instead of TOY's)."""
+    from defenses import registry
+    spec = registry()[key]
+    flags = list(TOY.get(key, TOY_DEFAULT))
+    if epochs is not None and not spec.filter:
+        flags += ['--teacher_epochs' if '--teacher_epochs' in flags else '--epochs', epochs]
+        flags += ['--teacher_epochs', 2] if 'teacher' in spec.needs else []  # its teacher, where it is made first
+    return ['--defense', key, *flags, *([spec.told, 0] if spec.told else [])]
+
+
+def one_key_per_module():
+    """A key of each defense module that trains (keys of one module share its code: FT-SI is FT-AT with another
+    source; a filter, STRIP, trains nothing)."""
+    from defenses import registry
+    first = {}
+    for key, spec in registry().items():
+        if not spec.filter:
+            first.setdefault(spec.module.__name__, key)
+    return list(first.values())

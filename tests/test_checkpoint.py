@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-import files
 import checkpoints
+import files
 from cli import UserError, parse_args
 from models import select_model
 
@@ -51,7 +51,7 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path, monkeypatch):
 
 
 def test_meta_is_written(tmp_path):
-    from data_loader import Normalizer
+    from batching import Normalizer
     from triggers import make_trigger
     a = args('--dataset', 'CIFAR10')
     attack = dict(trigger_type='wanetTrigger', target_type='all2one', target_label=3, inject_portion=0.1, trig_w=3,

@@ -11,20 +11,22 @@ import torch.nn.functional as F
 from conftest import make_images, run_script
 from test_defenses import Linear
 
-from data_loader import Normalizer, poison_train_set
-from data_loader import apply_trigger as stamp_attack
-from defenses import nc
+from batching import Normalizer
+
+from poisoning import poison_train_set
+from triggers import apply_trigger as stamp_attack
 from defenses.i_bau import implicit_surrogate, universal_perturbation
 from defenses.mcr import bezier, update_bn
 from defenses.nc import (
     CostSchedule,
     apply_trigger,
     flagged_classes,
-    nc_loss,
+    Reversal,
     reverse_engineer,
     to_unit,
     with_trigger_share,
 )
+from inversion import class_losses
 from defenses.strip import auroc, entropy_bits, strip_entropy, superimpose, threshold_at
 from triggers import make_trigger
 from utils import curve_lr
@@ -45,7 +47,7 @@ def test_nc_trigger_and_loss_on_hand_made_inputs():
     masks = torch.stack([mask, torch.ones(1, 4, 4)])
     expect0 = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2 + 0.1 * 1.5   # CE to class 0 + cost |m|_1
     expect1 = (math.log(2) + math.log(1 + math.exp(1))) / 2 + 0.2 * 16                   # CE to class 1 + its cost |m|_1
-    got = nc_loss(logits, torch.tensor([0, 0, 1, 1]), masks, torch.tensor([0.1, 0.2]))
+    got = class_losses(logits, torch.tensor([0, 0, 1, 1]), masks.abs().sum((1, 2, 3)), torch.tensor([0.1, 0.2]))
     assert got.tolist() == pytest.approx([expect0, expect1], rel=1e-6)
     assert to_unit(torch.tensor(0.0)) == 0.5 and 0 < to_unit(torch.tensor(-5.0)) < to_unit(torch.tensor(5.0)) < 1
 
@@ -104,20 +106,19 @@ def planted_linear():
     return model, x, y, norm
 
 
-def test_nc_reverse_engineering_flags_the_planted_target_and_its_mask_covers_the_patch(monkeypatch):
+def test_nc_reverse_engineering_flags_the_planted_target_and_its_mask_covers_the_patch():
     model, x, _, norm = planted_linear()
     kw = dict(epochs=30, images=400, batch_size=64, init_cost=1e-3, bound=0.99, patience=5, early_stop=25, lr=0.1,
               seed=0)
-    found = reverse_engineer(model, x, norm, 4, **kw)
+    found = reverse_engineer(model, x, norm, 4, Reversal(**kw))
     norms = [info['l1'] for _, _, info in found]
     assert flagged_classes(norms)[0] == [0], norms
     mask, _, info = found[0]
     assert info['found'] and mask[0, 26:31, 26:31].sum() / mask.sum() > 0.5, float(mask[0, 26:31, 26:31].sum() / mask.sum())
     # one class per forward (as 43 GTSRB classes are chunked) gives each class the same mask: a class's
     # gradient is its own (frozen model in eval mode, Adam per element)
-    monkeypatch.setattr(nc, 'INVERSION_IMAGES', 64)
-    chunked = reverse_engineer(model, x, norm, 4, **dict(kw, epochs=5))
-    together = reverse_engineer(model, x, norm, 4, **dict(kw, epochs=5))
+    chunked = reverse_engineer(model, x, norm, 4, Reversal(**dict(kw, epochs=5)), max_images=64)
+    together = reverse_engineer(model, x, norm, 4, Reversal(**dict(kw, epochs=5)))
     for (m1, p1, i1), (m2, p2, i2) in zip(chunked, together):
         assert i1['found'] == i2['found'] and torch.allclose(m1, m2, atol=1e-4) and torch.allclose(p1, p2, atol=1e-4)
 

@@ -9,6 +9,7 @@ import torch
 
 from cli import get_arguments
 from conftest import run_script, write_folder
+from defenses import registry
 
 
 def snapshot(root):
@@ -103,8 +104,11 @@ BAD_OUTPUTS = {
 
 
 def reads_options(script, flags):
-    """Whether the script has every option in flags (one it lacks is argparse's 'unrecognized' error)."""
-    known = get_arguments(script)._option_string_actions
+    """Whether the script has every option in flags (one it lacks is argparse's 'unrecognized' error), with the
+    defense they choose."""
+    flags = [str(f) for f in flags]
+    defense = flags[flags.index('--defense') + 1] if '--defense' in flags else None
+    known = get_arguments(script, defense=defense if defense in registry() else None)._option_string_actions
     return all(f in known for f in flags if isinstance(f, str) and f.startswith('--'))
 
 
@@ -126,7 +130,6 @@ def matrix():
         if script == 'main-ARGD.py':
             inputs['unknown-defense'] = (lambda d, img: ['--defense', 'fp', *folder(img)], "unknown defense 'fp'")
         if script == 'main_ft.py':
-            inputs['unknown-ft-defense'] = (lambda d, img: ['--defense', 'argd', *folder(img)], "unknown defense 'argd'")
             inputs['adv-share'] = (lambda d, img: ['--adv_share', 1.5, *folder(img)], '--adv_share must be in [0, 1]')
             inputs['negative-rho'] = (lambda d, img: ['--rho', -1, *folder(img)], '--rho must be a finite number >= 0')
             inputs['no-pgd-steps'] = (lambda d, img: ['--adv_steps', 0, *folder(img)], '--adv_steps must be >= 1')

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, summary, tensors_in
+from conftest import ROOT, run_script, summary, tensors_in, toy_flags
+from defenses import registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here')]
 
@@ -42,23 +43,11 @@ def test_a_checkpoint_written_on_cuda_loads_on_a_cpu_only_machine(cuda_model):
     assert all_on_cpu(cuda_model)
 
 
-@pytest.mark.parametrize('script, flags', [
-    ('train_teacher.py', ['--teacher_epochs', 1]),
-    ('main-ARGD.py', ['--epochs', 1, '--teacher_epochs', 1]),
-    ('main-ARGD.py', ['--defense', 'nad', '--epochs', 1, '--teacher_epochs', 1, '--source', 'inverted']),
-    ('main_mcl.py', ['--epochs', 1, '--mcl_target', 0, '--inv_epochs', 2, '--keep_target']),
-    ('main_ft.py', ['--defense', 'ft-at', '--epochs', 1]),
-    ('main_ft.py', ['--defense', 'pam', '--epochs', 1, '--source', 'inverted']),
-    ('main_ft.py', ['--defense', 'fst', '--epochs', 1]),
-    ('main_ft.py', ['--defense', 'sau', '--epochs', 1]),
-    ('main_ft.py', ['--defense', 'nc', '--epochs', 1, '--nc_epochs', 3]),
-    ('main_ft.py', ['--defense', 'i-bau', '--epochs', 1]),
-    ('main_ft.py', ['--defense', 'mcr', '--epochs', 2, '--teacher_epochs', 1]),
-])
-def test_every_defense_runs_on_cuda_and_writes_cpu_checkpoints(cuda_model, image_folder, tmp_path, script, flags):
+@pytest.mark.parametrize('key', list(registry()))
+def test_every_defense_runs_on_cuda_and_writes_cpu_checkpoints(cuda_model, image_folder, tmp_path, key):
     out = tmp_path / 'out.tar'
-    r = run_script(script, *common(image_folder, tmp_path), '--s_model', cuda_model, '--ratio', 0.5,
-                   '--checkpoint_root', tmp_path / 'w', '--output', out, *flags)
+    r = run_script('main_ft.py', *common(image_folder, tmp_path), '--s_model', cuda_model, '--ratio', 0.5,
+                   '--checkpoint_root', tmp_path / 'w', '--output', out, *toy_flags(key, epochs=1))
     assert r.returncode == 0, r.stderr
     assert 0 <= summary(r.stdout)['ACC'] <= 100 and all_on_cpu(out)
     for teacher in (tmp_path / 'w' / 't_net').glob('*.tar'):

@@ -3,9 +3,11 @@ import os
 import pytest
 import torch
 
+from batching import Normalizer, augment, train_batches
 from cli import UserError
-from data_loader import (Normalizer, augment, clean_subset, load_dataset, make_test_sets, poison_train_set,
-                         train_batches)
+from decoding import load_dataset
+from poisoning import make_test_sets, poison_train_set
+from subsets import clean_subset
 from triggers import make_trigger
 
 

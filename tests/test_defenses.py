@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from batching import Normalizer
 from conftest import make_images, run_script, summary
-from data_loader import Normalizer, poison_train_set
 from defenses.mcl import frozen_features
-from inversion import detect_target, invert_triggers
+from inversion import Budget, detect_target, invert_triggers
+from poisoning import poison_train_set
 from triggers import make_trigger
 
 
@@ -108,7 +109,7 @@ def test_inversion_finds_the_patch_and_detection_flags_the_target():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    patterns = invert_triggers(model, x, [0, 1, 2, 3], norm, passes=80, batch_size=64)
+    patterns = invert_triggers(model, x, [0, 1, 2, 3], norm, Budget(passes=80, batch_size=64))
     norms = [info['l1'] if info['found'] else info['last_l1'] for _, info in patterns]
     label, index, _ = detect_target(norms)
     assert label == 0, norms
@@ -118,12 +119,12 @@ def test_inversion_finds_the_patch_and_detection_flags_the_target():
     assert in_patch > 0.5, float(in_patch)
     # inverting all classes together gives each class the pattern it gets alone
     for c in (0, 2):
-        (alone, info_alone), = invert_triggers(model, x, [c], norm, passes=80, batch_size=64)
+        (alone, info_alone), = invert_triggers(model, x, [c], norm, Budget(passes=80, batch_size=64))
         assert info_alone['found'] == patterns[c][1]['found'] and info_alone['passes'] == patterns[c][1]['passes']
         assert torch.allclose(alone, patterns[c][0], atol=1e-4), (c, float((alone - patterns[c][0]).abs().max()))
     # chunked (43 or 100 classes would not fit one forward on a GPU): one and two classes per forward, same result
     for images in (64, 128):
-        chunked = invert_triggers(model, x, [0, 1, 2, 3], norm, passes=80, batch_size=64, max_images=images)
+        chunked = invert_triggers(model, x, [0, 1, 2, 3], norm, Budget(passes=80, batch_size=64), max_images=images)
         for (p, info), (q, info_q) in zip(chunked, patterns):
             assert info['found'] == info_q['found'] and info['passes'] == info_q['passes']
             assert torch.allclose(p, q, atol=1e-4), (images, float((p - q).abs().max()))

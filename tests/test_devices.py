@@ -9,10 +9,12 @@ import torch
 import checkpoints
 import device
 import training
+from batching import train_batches
 from cli import UserError
 from conftest import tensors_in
-from data_loader import batch_poisoner, first_rank_first, retune_set, train_batches
+from data_loader import first_rank_first
 from files import atomic_save
+from poisoning import batch_poisoner, retune_set
 from triggers import make_trigger
 
 
@@ -172,7 +174,8 @@ def test_per_batch_draws_and_the_wanet_grid_make_no_host_copies(monkeypatch):
 
 def test_cpu_draws_are_unchanged_by_drawing_on_the_device():
     """The device generator on the CPU is the CPU generator: the table's cells keep their batches."""
-    from data_loader import augment, seeded
+    from batching import augment
+    from subsets import seeded
     x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
     g1, g2 = seeded(3, 's'), seeded(3, 's', 'cpu')
     assert torch.equal(augment(x, g1, cutout=3), augment(x, g2, cutout=3))

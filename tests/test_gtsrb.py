@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 import config
+from batching import train_batches
 from cli import UserError
-from data_loader import RunData, load_dataset, train_batches
+from data_loader import RunData
+from decoding import load_dataset
 from triggers import apply_trigger, make_trigger
 
 

@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from batching import Normalizer
 from conftest import run_script, summary
-from data_loader import DatasetBD, Normalizer, load_dataset, make_attack, poison_train_set
+from data_loader import DatasetBD
+from decoding import load_dataset
 from errors import UserError
 from label_consistent import HYP, craft, fgsm_rs_loss, robust_lr
+from poisoning import make_attack, poison_train_set
 from triggers import apply_trigger, make_trigger
 
 
@@ -126,7 +129,7 @@ def test_train_badnet_makes_the_robust_model_and_images_once(image_folder, tmp_p
 def test_the_retuning_attack_stamps_the_cached_pgd_images(image_folder, tmp_path):
     """retune_set with hard images stamps them (and only its poisoned positions); without the cache the
     retuning attack says so and stamps the clean images."""
-    from data_loader import retune_set
+    from poisoning import retune_set
     from label_consistent import cached_hard_images
     data = load_dataset('ImageFolder', image_folder, verbose=False)
     x, y = data['x_train'], data['y_train']

@@ -11,8 +11,10 @@ import torch
 
 import refool
 from cli import parse_args
-from data_loader import DatasetBD, load_dataset, poison_train_set
+from data_loader import DatasetBD
+from decoding import load_dataset
 from errors import UserError
+from poisoning import poison_train_set
 from refool import (HYP, gaussian_blur, keep, new_weights, reflection_images, reflection_trigger, ssim,
                     vignette)
 from triggers import apply_trigger, reflect, refool_trigger

@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, summary
+from cli import parse_args
+from conftest import ROOT, one_key_per_module, run_script, summary, toy_flags
+from defenses import registry, tag_of
 
 
 def badnet_args(image_folder, out, seed=1, epochs=4):
@@ -116,15 +118,16 @@ def test_the_bf16_path_runs_end_to_end_and_keeps_fp32_weights(image_folder, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('defense', ['pam', 'fst', 'sau', 'nc', 'i-bau', 'mcr'])
-def test_a_killed_fine_tuning_defense_resumes_bit_identical(defense, backdoored, image_folder, tmp_path):
-    """PAM's PGD starts and path-aware point, FST's re-initialised head, SAU's and I-BAU's Adam state, NC's
-    reverse-engineered triggers and MCR's curve (its t per batch, its choice of the point) all resume."""
+@pytest.mark.parametrize('defense', one_key_per_module())
+def test_a_killed_defense_resumes_bit_identical(defense, backdoored, image_folder, tmp_path):
+    """A key of every defense module: ARGD's loss projections, PAM's PGD starts and path-aware point, FST's
+    re-initialised head, SAU's and I-BAU's Adam state, NC's reverse-engineered triggers, MCL's inverted trigger
+    and MCR's curve (its t per batch, its choice of the point) all resume."""
     def flags(out):
-        return ['--defense', defense, '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
-                backdoored['path'], '--ratio', 0.5, '--batch_size', 32, '--epochs', 12, '--threads', 1,
-                '--output', out, '--log_root', os.path.dirname(out), '--checkpoint_root', tmp_path / 'w',
-                *(['--t_model', tmp_path / 'teacher.tar'] if defense == 'mcr' else [])]
+        return [*toy_flags(defense, epochs=12), '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
+                backdoored['path'], '--ratio', 0.5, '--threads', 1, '--output', out, '--log_root',
+                os.path.dirname(out), '--checkpoint_root', tmp_path / 'w',
+                *(['--t_model', tmp_path / 'teacher.tar'] if 'teacher' in registry()[defense].needs else [])]
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
     a, b = str(tmp_path / 'a' / 'm.tar'), str(tmp_path / 'b' / 'm.tar')
@@ -140,6 +143,6 @@ def test_a_killed_fine_tuning_defense_resumes_bit_identical(defense, backdoored,
     assert os.path.exists(b + '.resume') and not os.path.exists(b), 'the run was not killed mid-way'
     r = run_script('main_ft.py', *flags(b), '--resume')
     assert r.returncode == 0, r.stderr
-    assert f'resuming {defense} after epoch' in r.stdout
+    assert f'resuming {tag_of(defense, parse_args("main_ft.py", flags(b)))} after epoch' in r.stdout
     sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

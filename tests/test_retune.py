@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from batching import Normalizer
 from conftest import make_images, run_script, summary
-from data_loader import Normalizer, clean_subset, make_test_sets, retune_set
-from triggers import make_trigger
 from defenses import defender_check
 from metrics import evaluate
+from poisoning import make_test_sets, retune_set
+from subsets import clean_subset
+from triggers import make_trigger
 
 
 def attack(kind='all2one'):

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+import config
+
 from conftest import ROOT, run_script
 from table import ATTACKS, COLUMNS
 
@@ -84,7 +86,7 @@ def test_two_workers_at_once_run_every_cell_exactly_once(backdoored, image_folde
     assert all(out for out, _ in outputs), 'both workers took cells'
     rows = read_rows(tmp_path)
     assert cells_of(rows) == expected  # one row per cell, none lost by the concurrent writers
-    assert len(list((tmp_path / 'w').glob('table/*/s1/badnet-ft.tar'))) == 1  # one teacher per seed
+    assert len(list((tmp_path / 'w').glob('table/*/s1/badnet-ft-*.tar'))) == 1  # one teacher per seed
     table = (tmp_path / 'results' / 'table.md').read_text()
     assert '± ' in table and ' | 2 | ' in table
 
@@ -165,14 +167,16 @@ def test_benchmark_times_every_defense_on_the_given_model_without_a_table(monkey
     def fake_run(script, *flags, watch=None):
         flags = [str(f) for f in flags]
         calls.append((script, flags))
-        if script == 'train_teacher.py':  # the teacher is built once, as a file, before NAD and ARGD
+        if '--defense' in flags and flags[flags.index('--defense') + 1] == config.TEACHER_KEY:  # the teacher: built
+            # once, as a file, before NAD and ARGD
             open(flags[flags.index('--output') + 1], 'wb').close()
         return {'ACC': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0
     monkeypatch.setattr(table, 'run', fake_run)
     args = parse_args('benchmark.py', ['--data_root', 'd', '--end_to_end', '--s_model', str(tmp_path / 'bd.tar')])
     timed = list(benchmark.defense_wall_times(args))
     assert [name for name, _, _ in timed] == [d['label'] for k, d in COLUMNS.items() if k not in ('none', 'floor')]
-    assert {script for script, _ in calls} == {d['script'] for d in COLUMNS.values()} - {'evaluate.py'}
+    assert {script for script, _ in calls} == {'main_ft.py'}  # the one driver of every defense
+    assert [f[f.index('--defense') + 1] for _, f in calls] == [k for k in COLUMNS if k not in ('none', 'floor')]
     assert all(flags[flags.index('--s_model') + 1] == str(tmp_path / 'bd.tar') for _, flags in calls)
     assert not any(script == 'retune.py' for script, _ in calls)  # wall times of the defenses alone
 
@@ -268,3 +272,36 @@ def test_workers_share_the_cores_unless_threads_is_given(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, 'argv', ['run_table.py', '--workers', '2', '--threads', '1'])
     run_table.start_workers(parse_args('run_table.py', sys.argv[1:]), 2)
     assert all(c.count('--threads') == 1 and c[c.index('--threads') + 1] == '1' for c in started)
+
+
+def test_an_edited_recipe_makes_its_cell_run_again_and_hides_the_old_one(monkeypatch, tmp_path):
+    """A cell is keyed by its defense's resolved recipe: an edit of its entry in config.py runs it anew (the old
+    cell stays in its file, out of table.md); the other columns keep theirs."""
+    import run_table
+    import table
+    from cli import parse_args
+    runs = []
+
+    def fake_run(script, *flags, watch=None):
+        flags = [str(f) for f in flags]
+        runs.append(flags[flags.index('--defense') + 1] if '--defense' in flags else script)
+        return {'ACC': 80.0 + len(runs), 'ACC_all': 1.0, 'ACC_target': 1.0, 'ASR': 2.0, 'RA': 3.0}, 1.0
+    monkeypatch.setattr(table, 'run', fake_run)
+    (tmp_path / 'w' / 'zoo').mkdir(parents=True)
+    (tmp_path / 'w' / 'zoo' / 'badnet.tar').write_bytes(b'a model')
+    args = parse_args('run_table.py', ['--data_root', 'd', '--checkpoint_root', tmp_path / 'w', '--table_dir',
+                                       tmp_path / 'results', '--skip_retune'])
+    cells = [('badnet', 'fst', 0), ('badnet', 'none', 0)]
+    run_table.work_through(args, cells)
+    run_table.work_through(args, cells)
+    assert runs == ['fst', 'evaluate.py']  # each once
+    monkeypatch.setitem(config.DEFENSES['fst'], 'alpha', 0.2)
+    run_table.work_through(args, cells)
+    assert runs == ['fst', 'evaluate.py', 'fst']  # only the edited defense's cell again
+    files = sorted(p.name for p in (tmp_path / 'results' / 'cells').glob('badnet-fst-s0-*.json'))
+    assert len(files) == 2 and files[0].split('-')[-1] != files[1].split('-')[-1]
+    md = (tmp_path / 'results' / 'table.md').read_text()
+    assert '| FST | 83.00 |' in md and '| FST | 81.00 |' not in md and 'Not shown: 1 cells' in md
+    recipes = sorted(p.name for p in (tmp_path / 'results' / 'recipes').glob('fst-*.json'))
+    assert len(recipes) == 2 and any('"alpha": 0.2' in (tmp_path / 'results' / 'recipes' / r).read_text()
+                                     for r in recipes)

@@ -177,13 +177,13 @@ def test_trojan_pixels_are_the_references_file():
 
 
 def first_batch(x, y, poison):
-    from data_loader import Normalizer, train_batches
+    from batching import Normalizer, train_batches
     xb, yb = next(train_batches(x, y, 50, Normalizer('none', 'cpu'), seed=3, epoch=0, poison=poison))
     return (xb * 255).round().to(torch.uint8).permute(0, 2, 3, 1), yb
 
 
 def test_wanet_warps_each_batch_after_augmentation_and_noise_images_keep_their_labels():
-    from data_loader import batch_poisoner
+    from poisoning import batch_poisoner
     from triggers import WANET_CROSS_RATIO, warp
     x, y = random_images(200), torch.arange(200) % 4 + 1  # no image of the target class 0
     attack = dict(target_type='all2one', target_label=0, inject_portion=0.1, trig_w=3, trig_h=3,
