@@ -45,10 +45,9 @@ ATTACKS = {
 }
 TOLD = object()  # in a column's flags: the row's target class (row_target)
 DEFENDER = 'main_ft.py'  # the script that runs every registered defense (defenses/driver.py)
-# column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its per-epoch log
-# (None: no training), its label in tables and pictures, what the run needs, and the finding that is the test
-# ASR along its own path (a list named *_ASR: MCR's curve) where it records one; the defenses' come from their
-# modules' declarations (defenses.registry) and config.DEFENSES
+# column -> the script that runs it, its flags beyond the common ones, the CSV prefix of its per-epoch log (None: no
+# training), its label, what the run needs, and the finding that is the test ASR along its own path (a list named
+# *_ASR: MCR's curve); the defenses' from their modules' declarations (defenses.registry) and config.DEFENSES
 COLUMNS = {
     'none': dict(script='evaluate.py', flags=[], log=None, label='none', needs=(), curve=None),
     **{key: dict(script=DEFENDER, flags=['--defense', key, *([spec.told, TOLD] if spec.told else [])],
@@ -64,8 +63,8 @@ BLIND = tuple(key for key in COLUMNS if key in registry() and not registry()[key
 # options a cell's commands set from the table's own (common_flags, cell_commands): not the defense's recipe
 PER_CELL = ('data_root', 'dataset', 'seed', 'precision', 'deterministic', 's_model', 'ratio', 't_model', 'defense',
             *{spec.told[2:] for spec in registry().values() if spec.told}, 'model', 'start', 'attack_from', 'arch',
-            'num_class', 'image_size', 'normalize',
-            'target_label', 'trigger_type', 'target_type', 'inject_portion', 'trig_w', 'trig_h', 'trigger_path')
+            'num_class', 'image_size', 'normalize', 'target_label', 'trigger_type', 'target_type', 'inject_portion',
+            'trig_w', 'trig_h', 'trigger_path')
 
 
 def resolved_options(script, defense=None):
@@ -88,10 +87,6 @@ def column_recipe(column):
     if 'teacher' in COLUMNS[column]['needs']:
         recipe['teacher'] = resolved_options(DEFENDER, config.TEACHER_KEY)
     return recipe
-
-
-def recipe_key(column):
-    return short_hash(column_recipe(column))
 
 
 def run(script, *flags, watch=None):
@@ -242,7 +237,7 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
     path, model = (given_model, lambda: None) if given_model else row_model(args, attack, watch)
     s_model = ['--s_model', path, '--ratio', args.ratio, *trains]
     teaching = config.TEACHER_KEY  # the defense whose model is the others' teacher: its cell is the teacher's run
-    output = lambda name: os.path.join(work, f'{attack}-{name}-{recipe_key(name)}.tar')  # a recipe's own files
+    output = lambda name: os.path.join(work, f'{attack}-{name}-{short_hash(column_recipe(name))}.tar')  # per recipe
     teacher = output(teaching)
 
     def model_and_teacher():
