@@ -28,9 +28,8 @@ import torch.nn.functional as F
 import config
 from batching import Normalizer, train_batches
 from cli import main_guard, parse_args
-from defenses import registry
+from defenses import unknown
 from device import autocast, prepare_model, setup
-from errors import UserError
 from inversion import size_penalty, stamp
 from models import select_model
 from table import COLUMNS, cell_commands
@@ -166,9 +165,9 @@ def defense_wall_times(args):
 
 def main():
     args = parse_args('benchmark.py', description=__doc__.split('\n\n')[0])
-    unknown = set((args.defenses or '').split(',')) - set(COLUMNS) - {''}
-    if unknown:
-        raise UserError(f"unknown defense '{sorted(unknown)[0]}' (choose from {', '.join(registry())})")
+    not_columns = set((args.defenses or '').split(',')) - set(COLUMNS) - {''}
+    if not_columns:
+        raise unknown(sorted(not_columns)[0])
     device = setup(args)
     print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}')
     if args.pieces:

@@ -61,11 +61,11 @@ def current_recipes(table_dir):
     return keys
 
 
-def merge(args):
+def merge(args, recipes=None):
     """Rebuild table.csv and table.md from every finished cell file (under the table lock)."""
     with locked(os.path.join(args.table_dir, 'table.lock'), wait=True):
         folder = os.path.join(args.table_dir, 'cells')
-        rows, recipes = [], current_recipes(args.table_dir)
+        rows, recipes = [], recipes or current_recipes(args.table_dir)
         for name in sorted(os.listdir(folder)):
             if name.endswith('.json'):
                 with open(os.path.join(folder, name)) as f:
@@ -168,7 +168,7 @@ def work_through(args, cells):
                        **{k: metrics[k] for k in DEFENSE_FINDINGS if k in metrics},
                        seconds=seconds, settings_key=key, settings=settings, recipe_key=recipes[defense])
             atomic_write_bytes(json.dumps(row).encode(), out)
-        merge(args)
+        merge(args, recipes)  # the recipes of this run's config.py, read once
         bar.write(f"{attack:7s} {defense:5s} seed {seed}  ACC {metrics['ACC']:6.2f} ACC_target {metrics['ACC_target']:6.2f} "
                   f"ASR {metrics['ASR']:6.2f} RA {metrics['RA']:6.2f} "
                   f"ASR_retuned {metrics.get('ASR_retuned', float('nan')):6.2f} "

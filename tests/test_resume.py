@@ -125,7 +125,7 @@ def test_a_killed_defense_resumes_bit_identical(defense, backdoored, image_folde
     and MCR's curve (its t per batch, its choice of the point) all resume."""
     def flags(out):
         return [*toy_flags(defense, epochs=12), '--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model',
-                backdoored['path'], '--ratio', 0.5, '--threads', 1, '--output', out, '--log_root',
+                backdoored['path'], '--ratio', 0.5, '--threads', 1, '--device', 'cpu', '--output', out, '--log_root',
                 os.path.dirname(out), '--checkpoint_root', tmp_path / 'w',
                 *(['--t_model', tmp_path / 'teacher.tar'] if 'teacher' in registry()[defense].needs else [])]
     (tmp_path / 'a').mkdir()
