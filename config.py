@@ -53,14 +53,16 @@ LABEL_CONSISTENT = dict(
     step=1.5,                  # PGD step, /255 (craft.yaml)
     steps=100,                 # PGD steps (craft.yaml)
     craft_batch=512,           # images per PGD batch (craft.yaml's loader)
-    # the robust model: fast adversarial training (FGSM from a random start; locuslab/fast_adversarial's
-    # train_fgsm.py, which the PyTorch reference points to), the zoo's architecture on the clean training set
-    robust_epochs=15,          # train_fgsm.py
+    # the robust model: PGD adversarial training as the paper's (Madry et al.) and the PyTorch reference's (its model
+    # from locuslab/fast_adversarial's train_pgd.py), the zoo's architecture on the clean training set; the zoo's first
+    # LC models used FGSM from a random start (robust_steps=1, robust_alpha=10: train_fgsm.py)
+    robust_epochs=15,          # train_pgd.py
     robust_lr=0.2,             # its cyclic schedule's peak, reached mid-run (0 at both ends), here set per epoch
-    robust_batch=128,          # train_fgsm.py
-    robust_weight_decay=5e-4,  # train_fgsm.py
-    robust_eps=8,              # /255, train_fgsm.py
-    robust_alpha=10,           # FGSM step /255 (1.25 eps), train_fgsm.py
+    robust_batch=128,          # train_pgd.py
+    robust_weight_decay=5e-4,  # train_pgd.py
+    robust_eps=8,              # /255, train_pgd.py
+    robust_steps=7,            # PGD steps per training batch, from a random start (train_pgd.py's attack-iters)
+    robust_alpha=2,            # PGD step /255, train_pgd.py
     robust_check=1000,         # test images its clean and PGD accuracy are reported on
     robust_check_steps=10,     # PGD steps of that check (step 2/255: train_fgsm.py's pgd_alpha)
 )
@@ -73,9 +75,11 @@ REFOOL = dict(
     rounds=3,                  # strategy rounds, each training a proxy model (the reference's 16: a 2-core CPU)
     proxy_epochs=5,            # epochs of each round's proxy model (the zoo's recipe, its milestones scaled)
     proxy_test=2000,           # non-target test images each round scores the reflections on
+    scale=560,                 # reflections are made at this size, scene and source resized to it (blend_images' max_image_size)
+    ghost_rate=0.39,           # share of ghost reflections, the rest out of focus (gen_main_func's ghost_rate)
     alpha_t=(0.55, 0.95),      # transmission weight, 1 - U(0.05, 0.45) (insert_reflection.py)
-    sigma=(1.0, 5.0),          # out-of-focus model: Gaussian blur sigma range
-    offset=(3, 8),             # ghost model: shift of the second reflection, pixels per axis (at the image's size, as BackdoorBench)
+    sigma=(1.0, 5.0),          # out-of-focus model: Gaussian blur sigma range, pixels at the 560-px scale
+    offset=(3, 8),             # ghost model: shift of the second reflection, pixels per axis at the 560-px scale
     ghost_alpha=(0.15, 0.5),   # ghost model: weight of one copy, |switch - U(0.15, 0.5)|
     gamma=2.2,                 # reflections are added in linear light
     brightest=0.1,             # a candidate's blended image must reach 10% of full brightness
@@ -110,6 +114,13 @@ BADNET_RECIPES = {
     'mcl': dict(augment=True, normalize=None, nesterov=False, milestones=(0.2, 0.7), factors=(1, 0.1, 0.01)),
     # NAD train_badnet.py: raw [0,1] inputs, no augmentation, SGD Nesterov, lr constant over its 19 epochs
     'nad': dict(augment=False, normalize='none', nesterov=True, milestones=(), factors=(1,)),
+    # WaNet as BackdoorBench trains it (attack/wanet.py, config/attack/wanet/cifar10.yaml; VinAI's reference the same
+    # but 1,000 epochs): each batch warped first, then crop (pad 5) on 80%, rotation within +-10 degrees on 50%, flip;
+    # its numbers (below) replace train_badnet.py's defaults where no flag sets them; its lr milestones (100, 200, ...)
+    # are never reached in 100 epochs: a constant lr
+    'wanet': dict(augment=dict(pad=5, crop_p=0.8, degrees=10, rotate_p=0.5), poison_first=True, normalize=None,
+                  nesterov=False, milestones=(), factors=(1,),
+                  numbers=dict(epochs=100, lr=0.01, batch_size=128, weight_decay=5e-4)),
 }
 
 # ============================================================================ every defense

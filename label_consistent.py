@@ -2,9 +2,10 @@
 Attacks"): each target-class training image pushed by PGD away from its own class on an adversarially robust
 model, so that a model trained on them, their labels untouched, leans on the trigger they carry (lcTrigger).
 
-The robust model is the zoo's architecture trained on the clean training set by fast adversarial training
-(FGSM from a random start: Wong, Rice & Kolter 2020, locuslab/fast_adversarial's train_fgsm.py, the training
-the PyTorch reference hkunzhe/label_consistent_attacks_pytorch points to), through the one training loop.
+The robust model is the zoo's architecture trained on the clean training set by PGD adversarial training, as
+the paper's (Madry et al.'s) and the PyTorch reference's (hkunzhe/label_consistent_attacks_pytorch: its model
+from locuslab/fast_adversarial's train_pgd.py, whose numbers config.LABEL_CONSISTENT holds), through the one
+training loop; robust_steps=1 with robust_alpha=10 is fast FGSM adversarial training (train_fgsm.py).
 It and the perturbed images are cached beside the decoded data (decoding.cache_path), keyed by everything
 that makes them, so they are made once; an interrupted robust training resumes. Numbers: config.LABEL_CONSISTENT.
 """
@@ -35,16 +36,19 @@ def robust_lr(epoch, epochs, peak):
     return peak * (1 - abs(2 * (epoch + 0.5) / epochs - 1))
 
 
-def fgsm_rs_loss(model, norm, eps, alpha, generator):
-    """Fast adversarial training's loss on [0,1] images x01: the cross-entropy at x01 + delta, delta one
-    signed-gradient step of alpha from a uniform start in [-eps, eps], kept within eps and the image.
+def adversarial_loss(model, norm, eps, alpha, steps, generator):
+    """Adversarial training's loss on [0,1] images x01: the cross-entropy at x01 + delta, delta `steps`
+    signed-gradient steps of alpha from a uniform start in [-eps, eps], each kept within eps and the image
+    (train_pgd.py: 7 steps of 2/255; one step of 10/255 is train_fgsm.py's FGSM from a random start).
     generator() is the random start's stream (one per epoch: a resumed run repeats it)."""
     def loss(x01, y):
         delta = (torch.rand(x01.shape, generator=generator(), device=x01.device) * 2 - 1) * eps
-        delta = ((x01 + delta).clamp(0, 1) - x01).requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(norm(x01 + delta)).float(), y), delta)
-        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
-        delta = ((x01 + delta).clamp(0, 1) - x01).detach()
+        delta = ((x01 + delta).clamp(0, 1) - x01)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(model(norm(x01 + delta)).float(), y), delta)
+            delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+            delta = ((x01 + delta).clamp(0, 1) - x01).detach()
         return F.cross_entropy(model(norm(x01 + delta)), y)
     return loss
 
@@ -66,16 +70,16 @@ def robust_model(args, data, device):
         model.load_state_dict(torch.load(path, weights_only=True, map_location='cpu')['state_dict'])
         print(f'robust model (label-consistent attack) read from {path}')
         return model.eval(), path
-    print(f"training the robust model (FGSM from a random start, eps {HYP['robust_eps']}/255, "
-          f"{HYP['robust_epochs']} epochs) into {path}")
+    print(f"training the robust model (PGD-{HYP['robust_steps']} from a random start, step {HYP['robust_alpha']}/255, "
+          f"eps {HYP['robust_eps']}/255, {HYP['robust_epochs']} epochs) into {path}")
     run = SimpleNamespace(  # the robust recipe (momentum: train_fgsm.py's), resumed automatically if interrupted
         epochs=HYP['robust_epochs'], batch_size=HYP['robust_batch'], weight_decay=HYP['robust_weight_decay'],
         momentum=0.9, resume=True, key=key, seed=args.seed, amp=args.amp, eval_subset=args.eval_subset,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, rank=getattr(args, 'rank', 0))
     stream = {}
     unit = Normalizer('none', device)  # batches in [0,1]: the perturbation is added before normalising
-    loss = fgsm_rs_loss(model, data.normalizer.normalize_float, HYP['robust_eps'] / 255, HYP['robust_alpha'] / 255,
-                        lambda: stream['g'])
+    loss = adversarial_loss(model, data.normalizer.normalize_float, HYP['robust_eps'] / 255, HYP['robust_alpha'] / 255,
+                            HYP['robust_steps'], lambda: stream['g'])
     x, y = data.x_train.to(device), data.y_train.to(device)
 
     def batches(epoch):

@@ -7,9 +7,14 @@
     torchrun --nproc_per_node 4 train_badnet.py --data_root /data/cifar10        # DDP, one GPU per process
 
 --recipe picks one of the reference codes' training recipes (config.BADNET_RECIPES): 'mcl'
-(default; MCL's train_badnet: crop + flip, CIFAR mean/std, SGD momentum 0.9, step lr) or
-'nad' (NAD's: no augmentation, raw [0,1] inputs, SGD Nesterov, constant lr). Both use
-weight decay 1e-4. The final model is saved, never one chosen by test ASR.
+(default; MCL's train_badnet: crop + flip, CIFAR mean/std, SGD momentum 0.9, step lr),
+'nad' (NAD's: no augmentation, raw [0,1] inputs, SGD Nesterov, constant lr), both with
+weight decay 1e-4, or 'wanet' (BackdoorBench's WaNet: batches warped, then cropped, rotated and
+flipped; 100 epochs, lr 0.01 constant, batch 128, weight decay 5e-4 unless flags say otherwise):
+
+    python train_badnet.py --trigger_type wanetTrigger --recipe wanet --output weight/zoo/wanet.tar
+
+The final model is saved, never one chosen by test ASR.
 """
 import os
 import time
@@ -48,6 +53,9 @@ def default_output(args):
 def main():
     args = parse_args('train_badnet.py', description=__doc__.split('\n\n')[0])
     recipe = BADNET_RECIPES[args.recipe]
+    for name, value in recipe.get('numbers', {}).items():  # a recipe's own numbers, where no flag sets them
+        if name not in args.given:
+            setattr(args, name, value)
     args.normalize = args.normalize or recipe['normalize']
     device = setup(args, distributed=True)
     out = args.output or default_output(args)
@@ -70,16 +78,17 @@ def main():
     what = f"{attack['inject_portion']:g} of each batch" if poison else f'{len(poisoned)}'
     print(f"{args.dataset}: {len(y)} training images, {what} poisoned with {attack['trigger_type']} "
           f"({attack['target_type']}, target {attack['target_label']}); {len(data.test['y_bd'])} backdoor test images; "
-          f"recipe {args.recipe}")
+          f"recipe {args.recipe}: {args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}, weight decay {args.weight_decay:g}")
     x, y = x.to(device), y.to(device)
 
     torch.manual_seed(args.seed)
     model = prepare_model(select_model(args.arch, data.num_classes), device, args)
     train_model = data_parallel(compiled(model, args, device), device, args)
     loss_fn = lambda xb, yb: F.cross_entropy(train_model(xb), yb)
-    augment = recipe['augment'] and not args.no_augment and data.crop_flip  # GTSRB: never (config.DATASETS)
+    augment = recipe['augment'] if not args.no_augment and data.crop_flip else False  # GTSRB: never (config.DATASETS)
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
-                                          augment_data=augment, shard=(args.rank, args.world_size), poison=poison)
+                                          augment_data=augment, shard=(args.rank, args.world_size), poison=poison,
+                                          poison_first=recipe.get('poison_first', False))
     milestones = [round(f * args.epochs) for f in recipe['milestones']]
     lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
     metrics = fit(args, model, Steps(batches, loss_fn), lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,

@@ -1,4 +1,4 @@
-"""The label-consistent attack (lcTrigger): the robust model's schedule and FGSM step, the PGD images on a
+"""The label-consistent attack (lcTrigger): the robust model's schedule and PGD (and FGSM) steps, the PGD images on a
 hand-made linear model, DatasetBD's poisoned set, and train_badnet.py making and then reusing the cache."""
 import os
 import shutil
@@ -13,7 +13,7 @@ from conftest import run_script, summary
 from data_loader import DatasetBD
 from decoding import load_dataset
 from errors import UserError
-from label_consistent import HYP, craft, fgsm_rs_loss, robust_lr
+from label_consistent import HYP, adversarial_loss, craft, robust_lr
 from poisoning import make_attack, poison_train_set
 from triggers import apply_trigger, make_trigger
 
@@ -33,22 +33,27 @@ def test_robust_lr_is_the_cyclic_triangle_at_each_epochs_middle():
     assert robust_lr(7, 15, 0.2) == pytest.approx(0.2)  # the peak mid-run, as train_fgsm.py's CyclicLR
 
 
-def test_fgsm_from_a_random_start_by_hand():
-    """One signed step of alpha from the uniform start, kept within eps and the image: on the linear model,
-    class 0's step darkens every pixel; the loss is the cross-entropy there."""
-    model, eps, alpha = linear_model(), 8 / 255, 10 / 255
+@pytest.mark.parametrize('steps, alpha', [(1, 10), (HYP['robust_steps'], HYP['robust_alpha'])])
+def test_adversarial_training_steps_from_a_random_start_by_hand(steps, alpha):
+    """FGSM (one step of 10/255) and the robust model's PGD (7 of 2/255): signed steps from the uniform start,
+    each kept within eps and the image: on the linear model, class 0's steps darken every pixel; the loss is
+    the cross-entropy where the last step ends."""
+    model, eps, alpha = linear_model(), 8 / 255, alpha / 255
     x01 = torch.full((2, 3, 32, 32), 0.5)
     x01[1, :, :4] = 0.01  # near black: the image's bound clips these
     y = torch.tensor([0, 0])
     g = torch.Generator().manual_seed(0)
-    loss = fgsm_rs_loss(model, lambda v: v, eps, alpha, lambda: g)(x01, y)
-    start = (torch.rand(x01.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * eps
-    start = (x01 + start).clamp(0, 1) - x01
-    delta = (start - alpha).clamp(-eps, eps)
+    loss = adversarial_loss(model, lambda v: v, eps, alpha, steps, lambda: g)(x01, y)
+    delta = (torch.rand(x01.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * eps
     delta = (x01 + delta).clamp(0, 1) - x01
+    for _ in range(steps):
+        delta = (delta - alpha).clamp(-eps, eps)
+        delta = (x01 + delta).clamp(0, 1) - x01
     assert torch.allclose(loss, F.cross_entropy(model(x01 + delta), y), atol=1e-6)
     assert (x01 + delta)[1, :, :4].min() == 0 and delta.abs().max() <= eps + 1e-7
     assert loss > F.cross_entropy(model(x01), y)  # it is an attack
+    if steps > 1:  # 7 steps of 2/255 carry every start to -eps but those above 6/255: the loss is PGD's, not FGSM's
+        assert (delta[0] <= -eps + 1e-6).float().mean() > 0.8
 
 
 def test_pgd_images_go_to_the_eps_corner_on_the_linear_model():

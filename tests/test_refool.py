@@ -1,4 +1,4 @@
-"""Refool (refoolTrigger): the blend, the three reflection models, the blur, vignette and SSIM by hand, the
+"""Refool (refoolTrigger): the blend, the reflection models at the reference's scale, the blur, vignette and SSIM by hand, the
 strategy's weights, and the chosen trigger made, cached and served by DatasetBD."""
 import math
 import os
@@ -15,7 +15,7 @@ from data_loader import DatasetBD
 from decoding import load_dataset
 from errors import UserError
 from poisoning import poison_train_set
-from refool import (HYP, gaussian_blur, keep, new_weights, reflection_images, reflection_trigger, ssim,
+from refool import (HYP, gaussian_blur, keep, new_weights, reflection_images, reflection_trigger, resized, ssim,
                     vignette)
 from triggers import apply_trigger, reflect, refool_trigger
 
@@ -69,17 +69,16 @@ def test_vignette_is_gen_kernel():
     assert np.allclose(v.numpy(), raw / raw.max(), atol=1e-12) and v.max() == 1 and torch.equal(v, v.T)
 
 
-def test_the_three_reflection_models_on_a_hand_made_pair():
-    """Flat scene 0.5 and reflection 0.25, transmission weight 0.8, in linear light (gamma 2.2): the same-depth
-    model adds 0.2 of the reflection; a ghost of a flat reflection is the flat reflection (the same); the
-    out-of-focus one blurs (flat: unchanged) and fades it by the vignette times (1 - 0.8 / 2)."""
+def test_the_two_reflection_models_on_a_hand_made_pair():
+    """Flat scene 0.5 and reflection 0.25, transmission weight 0.8, in linear light (gamma 2.2): a ghost of a flat
+    reflection is the flat reflection, 0.2 of it added; the out-of-focus one blurs (flat: unchanged) and fades
+    it by the vignette times (1 - 0.8 / 2)."""
     t, r, a, g = torch.full((32, 32, 3), 0.5), torch.full((32, 32, 3), 0.25), 0.8, 2.2
-    blended, transmission, reflection = reflection_images(t, r, 'same', {'alpha_t': a})
+    blended, transmission, reflection = reflection_images(t, r, 'ghost', {'alpha_t': a, 'offset': (3, 5),
+                                                                         'ghost_alpha': 0.3})
     assert (blended == int(255 * (0.2 * 0.25 ** g + a * 0.5 ** g) ** (1 / g))).all()
     assert (transmission == int(255 * (a * 0.5 ** g) ** (1 / g))).all()
     assert (reflection == int(255 * (0.2 * 0.25 ** g) ** (1 / g))).all()
-    ghost = reflection_images(t, r, 'ghost', {'alpha_t': a, 'offset': (3, 5), 'ghost_alpha': 0.3})
-    assert all(torch.equal(u, v) for u, v in zip(ghost, (blended, transmission, reflection)))
     blended, _, reflection = reflection_images(t, r, 'blur', {'alpha_t': a, 'sigma': 2.0, 'att': 1.1})
     mask = 0.25 ** g * vignette(32)[..., None] * (1 - a / 2)
     assert torch.equal(blended, ((mask + a * 0.5 ** g) ** (1 / g) * 255).to(torch.uint8).expand(-1, -1, 3))
@@ -96,6 +95,24 @@ def test_a_ghost_is_two_shifted_copies():
     lit = layer[..., 0].double()
     spots = [lit[:10, :10].sum(), lit[10:, 10:].sum()]  # near (12 - 6, 12 - 6) * 32 / 26 and (12, 12) * 32 / 26
     assert spots[0] > 0 and spots[1] > spots[0]  # the 0.8 copy brighter than the 0.2 copy
+
+
+def test_a_ghost_made_at_the_references_scale_stays_one_spot_at_32_px():
+    """Made at 560 px (as blend_images), a ghost's 8-px shift is half a pixel at 32 px: the bright 2x2 block of
+    the reflection comes back where it was, as one spot (at 32 px the copies would be 8 pixels apart)."""
+    r = torch.zeros(32, 32, 3, dtype=torch.float64)
+    r[12:14, 12:14] = 1.0
+    t = resized(torch.zeros(32, 32, 3, dtype=torch.float64), HYP['scale'])
+    _, _, layer = reflection_images(t, resized(r, HYP['scale']), 'ghost',
+                                    {'alpha_t': 0.5, 'offset': (8, 8), 'ghost_alpha': 0.2})
+    assert layer.shape == (HYP['scale'], HYP['scale'], 3)
+    small = resized(layer.double(), 32)[..., 0]
+    lit = torch.nonzero(small > 0.5 * small.max())
+    assert lit.min() >= 11 and lit.max() <= 14  # one spot, on the block
+    far = small.clone()
+    far[10:16, 10:16] = 0
+    assert far.max() < 0.1 * small.max()  # no second copy anywhere else
+    assert torch.allclose(resized(r, 32), r)  # resizing to the same size changes nothing
 
 
 def test_ssim_is_skimages_on_flat_images_and_one_for_equal_images():

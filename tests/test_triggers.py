@@ -202,6 +202,46 @@ def test_wanet_warps_each_batch_after_augmentation_and_noise_images_keep_their_l
     assert batch_poisoner(dict(attack, trigger=make_trigger('gridTrigger', 32)), 5) is None
 
 
+def test_the_wanet_recipe_warps_first_then_crops_rotates_and_flips():
+    """BackdoorBench's (and VinAI's) order: the clean batch is warped, then augmented. With crop and rotation off
+    (p = 0) a poisoned image is a warped training image or its mirror; with the recipe's own augmentation most
+    are moved off every warped image."""
+    from batching import Normalizer, train_batches
+    from config import BADNET_RECIPES
+    from poisoning import batch_poisoner
+    from triggers import warp
+    x, y = random_images(200), torch.arange(200) % 4 + 1
+    attack = dict(target_type='all2one', target_label=0, inject_portion=0.1, trig_w=3, trig_h=3,
+                  trigger=make_trigger('wanetTrigger', 32, seed=1))
+    recipe = BADNET_RECIPES['wanet']
+    assert recipe['poison_first'] and recipe['augment']['degrees'] == 10
+
+    def batch(augment):
+        xb, yb = next(train_batches(x, y, 50, Normalizer('none', 'cpu'), seed=3, epoch=0, augment_data=augment,
+                                    poison=batch_poisoner(attack, 5), poison_first=True))
+        return (xb * 255).round().to(torch.uint8).permute(0, 2, 3, 1), yb
+    warped = warp(x, attack['trigger']['pattern'][None])
+    is_warped = lambda img: any(torch.equal(img, w) or torch.equal(img, w.flip(1)) for w in warped)
+    xb, yb = batch(dict(recipe['augment'], crop_p=0.0, rotate_p=0.0))
+    assert all(is_warped(xb[i]) for i in range(5)) and (yb[:5] == 0).all()
+    xb, _ = batch(recipe['augment'])
+    assert sum(not is_warped(xb[i]) for i in range(5)) >= 3  # 80% cropped (1 crop in 121 stays put), half rotated
+
+
+def test_rotation_turns_the_image_about_its_centre():
+    """A quarter turn lies on the pixel grid: rotate_by 90 degrees is torch.rot90 (one way or the other, the
+    same for every image); p = 0 rotates nothing, and crop_p = 0 leaves only the flip."""
+    from batching import augment, rotate, rotate_by
+    x = random_images(4)
+    out = rotate_by(x, torch.full((4,), math.pi / 2))
+    ways = [all(torch.equal(out[i], torch.rot90(x[i], k, (0, 1))) for i in range(4)) for k in (1, -1)]
+    assert sum(ways) == 1
+    assert torch.equal(rotate(x, torch.Generator().manual_seed(0), 10, 0.0), x)
+    out = augment(x, torch.Generator().manual_seed(1), pad=5, crop_p=0.0, degrees=10, rotate_p=0.0)
+    assert all(torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(1)) for i in range(4))
+    assert not torch.equal(rotate(x, torch.Generator().manual_seed(0), 10, 1.0), x)
+
+
 def test_wanet_warp_depends_on_seed_only():
     ramp = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 32, 1).expand(2, 32, 32, 3).contiguous()
     a, b, c = (apply_trigger(make_trigger('wanetTrigger', 32, seed=s), ramp) for s in (1, 1, 2))
