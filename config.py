@@ -239,6 +239,28 @@ DEFENSES = {
                 sau_beta_adv=0.01,     # weight of the adversarial term in the maximisation (beta_1)
                 sau_beta_shared=1.0,   # weight of the shared (JS) term (beta_2)
                 sau_lmd_shared=1.0),   # weight of the shared unlearning loss beside clean CE (lmd_3; lmd_1 = 1)
+    # FP, fine-pruning (Liu et al., RAID 2018) as BackdoorBench's defense/fp.py and config/defense/fp/cifar10.yaml:
+    # prune 1% of the last layer's channels a step while the clean accuracy stays within 10% of the unpruned one's,
+    # then fine-tune 100 epochs, SGD lr 0.01 momentum 0.9 weight decay 5e-4, cosine, batch 256, crop + flip
+    'fp': dict(epochs=100, lr=0.01, batch_size=256, momentum=0.9, nesterov=False, weight_decay=5e-4, optimizer='sgd',
+               schedule='cosine', milestones=(), factors=(1,), augment=True, drop_last=False, cutout=0,
+               fp_acc_ratio=0.1,      # acc_ratio: the relative drop of the defender's accuracy pruning may cost
+               fp_step=0.01),         # once_prune_ratio: the share of the channels pruned per step
+    # CLP (Zheng et al., ECCV 2022) defense.py: data-free, u = 3 (its CIFAR-10 choice), no fine-tuning (epochs 0);
+    # the recipe below is FT's, for --epochs N: the pruned model fine-tuned on the clean subset (not in the paper)
+    'clp': dict(epochs=0, lr=FT['teacher_lr'], batch_size=FT['batch_size'], momentum=FT['momentum'],
+                nesterov=FT['nesterov'], weight_decay=FT['weight_decay'], optimizer=FT['optimizer'], schedule=FT['schedule'],
+                milestones=FT['milestones'], factors=FT['factors'], augment=FT['augment'], drop_last=FT['drop_last'],
+                cutout=FT['cutout'],
+                clp_u=3.0),            # prune above mean + u std of a layer's channel bounds
+    # ANP (Wu & Wang, NeurIPS 2021) optimize_mask_cifar.py: masks by SGD lr 0.2 momentum 0.9, batch 128, crop + flip,
+    # 2,000 iterations: 106 passes of the 5% subset's 19 full batches (2,014); pruned at mask <= 0.2 (its README)
+    'anp': dict(epochs=106, lr=0.2, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
+                schedule='constant', milestones=(), factors=(1,), augment=True, drop_last=True, cutout=0,
+                anp_eps=0.4,           # bound of the neuron perturbations
+                anp_steps=1,           # signed steps per batch
+                anp_alpha=0.2,         # weight of the clean loss
+                anp_threshold=0.2),    # prune neurons whose mask ends at most this
     # Neural Cleanse (Wang et al., S&P 2019), reverse engineering as VinAIResearch's neural_cleanse (Adam lr 0.1
     # betas 0.5/0.9, batch 64, cost 1e-3 x2 / 2**1.5 after 5 passes, success bound 99%, early stop 25 passes),
     # the mask's L1 norm as the paper; unlearning as the paper: 1 epoch, 20% of each batch stamped with the

@@ -128,7 +128,7 @@ def matrix():
         if script == 'train_badnet.py':  # reads no checkpoint, so --arch is the model it builds
             del inputs['arch-mismatch']
         if script == 'main-ARGD.py':
-            inputs['unknown-defense'] = (lambda d, img: ['--defense', 'fp', *folder(img)], "unknown defense 'fp'")
+            inputs['unknown-defense'] = (lambda d, img: ['--defense', 'no-such', *folder(img)], "unknown defense 'no-such'")
         if script == 'main_ft.py':
             inputs['adv-share'] = (lambda d, img: ['--adv_share', 1.5, *folder(img)], '--adv_share must be in [0, 1]')
             inputs['negative-rho'] = (lambda d, img: ['--rho', -1, *folder(img)], '--rho must be a finite number >= 0')

@@ -73,8 +73,8 @@ def test_help_shows_the_values_the_chosen_defense_runs_with():
     sau = cli.parse_args('main_ft.py', ['--defense', 'sau', '--no-augment', '--optimizer', 'sgd', '--schedule', 'step',
                                         '--milestones', '2,4', '--factors', '1,0.1,0.01'])
     assert (sau.augment, sau.optimizer, sau.milestones, sau.factors) == (False, 'sgd', (2, 4), (1, 0.1, 0.01))
-    with pytest.raises(cli.UserError, match="unknown defense 'fp'"):
-        cli.parse_args('main_ft.py', ['--defense', 'fp'])
+    with pytest.raises(cli.UserError, match="unknown defense 'no-such'"):
+        cli.parse_args('main_ft.py', ['--defense', 'no-such'])
 
 
 def test_every_registered_defense_runs_from_its_entry():
