@@ -261,6 +261,16 @@ DEFENSES = {
                 anp_steps=1,           # signed steps per batch
                 anp_alpha=0.2,         # weight of the clean loss
                 anp_threshold=0.2),    # prune neurons whose mask ends at most this
+    # RNP (Li et al., ICML 2023) main.py: unlearning by SGD lr 0.01 momentum 0.9 weight decay 5e-4, /10 at passes 10
+    # and 20, at most 21 passes, stopped at 20% accuracy; recovery 20 epochs of SGD lr 0.2 on the masks, alpha 0.2;
+    # batch 128, crop + flip; pruned at mask <= 0.2 (ANP's threshold: RNP's code tabulates thresholds on test sets)
+    'rnp': dict(epochs=20, lr=0.2, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
+                schedule='constant', milestones=(), factors=(1,), augment=True, drop_last=False, cutout=0,
+                rnp_unlearn_lr=0.01, rnp_unlearn_epochs=20, rnp_unlearn_milestones=(10, 20),
+                rnp_unlearn_weight_decay=5e-4,
+                rnp_floor=0.2,         # clean_threshold: the unlearning stops at this accuracy on the subset
+                rnp_alpha=0.2,         # weight of the recovery's cross-entropy
+                rnp_threshold=0.2),    # prune neurons whose recovered mask is at most this
     # Neural Cleanse (Wang et al., S&P 2019), reverse engineering as VinAIResearch's neural_cleanse (Adam lr 0.1
     # betas 0.5/0.9, batch 64, cost 1e-3 x2 / 2**1.5 after 5 passes, success bound 99%, early stop 25 passes),
     # the mask's L1 norm as the paper; unlearning as the paper: 1 epoch, 20% of each batch stamped with the

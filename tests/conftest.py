@@ -118,6 +118,7 @@ TOY = {
     'strip': ['--strip_images', 40, '--strip_n', 8],  # a filter: nothing to train
     'mcl-tk': ['--batch_size', 32, '--epochs', 8, '--inv_epochs', 20, '--inv_patience', 6],
     'anp': ['--epochs', 10, '--batch_size', 32],  # 30 mask steps (its full batches of 128 outnumber the toy's 100)
+    'rnp': ['--epochs', 20, '--batch_size', 32, '--rnp_floor', 0.5],  # 4 classes: 0.5 is 2x chance, as 0.2 of 10
     'clp': ['--epochs', 0, '--clp_u', 1.5],  # the pruning alone (no fine-tuning); the toy's WRN-10-1 bounds
     #                                         sit closer together than a WRN-16-1's (u = 3 prunes none there)
 }

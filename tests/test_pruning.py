@@ -140,3 +140,28 @@ def test_anp_loss_without_perturbation_is_the_masked_models_cross_entropy_and_th
     both = anp_loss(model, masks, 0.4, 1, 0.0, lambda: g)(x, y)  # alpha 0: the perturbed loss alone
     assert both > torch.nn.functional.cross_entropy(model(x), y)  # the adversarial neurons hurt
     assert not any(m.perturbed for m in masks)
+
+
+def test_rnp_unlearning_ascends_the_loss_and_stops_at_the_floor():
+    from types import SimpleNamespace
+
+    from defenses.rnp import unlearn
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.arange(64) % 2
+    x[:, 0] += 3 * (2 * y - 1)  # feature 0 tells the classes apart
+    model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[1, 0], model[0].weight[0, 0] = 1.0, -1.0  # starts right
+    args = SimpleNamespace(rnp_unlearn_lr=0.5, momentum=0.9, rnp_unlearn_weight_decay=0.0, rnp_unlearn_milestones=(10,),
+                           rnp_unlearn_epochs=30, rnp_floor=0.2, amp=False)
+    before = torch.nn.functional.cross_entropy(model(x), y)
+    passes = unlearn(model, lambda epoch: [(x, y)], args, torch.device('cpu'))
+    assert 1 < passes <= 31 and torch.nn.functional.cross_entropy(model(x), y) > before
+    assert (model(x).argmax(1) == y).float().mean() <= 0.2  # the last pass ran at or below the floor
+    assert unlearn(model, lambda epoch: [(x, y)], dict_args(args, rnp_floor=1.0), torch.device('cpu')) == 1
+
+
+def dict_args(args, **changes):
+    from types import SimpleNamespace
+    return SimpleNamespace(**dict(vars(args), **changes))

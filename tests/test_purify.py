@@ -182,6 +182,7 @@ SAYS = {
     'nc': 'NC: flagged class 0 (index',
     'mcr': "MCR: the curve's point t = ",
     'mcl-tk': 'left out of the contrastive term',
+    'anp': 'ANP: ', 'rnp': 'RNP: ', 'fp': 'FP: ', 'clp': 'CLP: ',  # how many it pruned
 }
 
 
