@@ -81,8 +81,9 @@ def crop_and_flip(x, generator, pad, crop_p=1.0):
 
 
 def rotate(x, generator, degrees, p):
-    """A p share of a uint8 NHWC batch rotated about the centre by uniform angles in [-degrees, degrees]
-    (bilinear, zeros outside, as kornia's RandomRotation that WaNet's reference uses), rounded to uint8."""
+    """A p share of a uint8 NHWC batch rotated about the centre by uniform angles in [-degrees, degrees], one per
+    image (bilinear, zeros outside: VinAI's WaNet uses kornia's per-image RandomRotation; BackdoorBench's
+    torchvision one turns a whole batch by one angle), rounded to uint8."""
     n = len(x)
     angle = (torch.rand(n, generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
     return rotate_by(x, angle * (torch.rand(n, generator=generator, device=x.device) < p))

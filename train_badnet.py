@@ -12,7 +12,7 @@
 weight decay 1e-4, or 'wanet' (BackdoorBench's WaNet: batches warped, then cropped, rotated and
 flipped; 100 epochs, lr 0.01 constant, batch 128, weight decay 5e-4 unless flags say otherwise):
 
-    python train_badnet.py --trigger_type wanetTrigger --recipe wanet --output weight/zoo/wanet.tar
+    python train_badnet.py --trigger_type wanetTrigger --recipe wanet --output wanet.tar
 
 The final model is saved, never one chosen by test ASR.
 """
