@@ -69,6 +69,25 @@ def unwrap(model):
                 setattr(module, child_name, child.bn)
 
 
+def prune_by_masks(model, masks, state, threshold, label):
+    """Unwrap the masked norms, load `state` (the model's own tensors it needs back) and zero the BatchNorm weight
+    of every neuron whose mask is at most threshold (prune_neuron_cifar.py's pruning); returns how many."""
+    values = {name: m.neuron_mask.detach().clone() for name, m in masks.items()}
+    unwrap(model)
+    pruned = 0
+    with torch.no_grad():
+        own = model.state_dict()
+        for k, v in state.items():
+            own[k].copy_(v)
+        for name, mask in values.items():
+            low = mask <= threshold
+            own[f'{name}.weight'][low] = 0
+            pruned += int(low.sum())
+    model.requires_grad_(True)
+    print(f'{label}: {pruned} of {sum(len(v) for v in values.values())} neurons pruned (mask <= {threshold:g})')
+    return pruned
+
+
 def anp_loss(model, masks, eps, steps, alpha, generator):
     """The reference's mask_train step as a loss: the neurons' perturbation from a uniform start, `steps` signed
     steps of eps / steps raising the cross-entropy (no clipping, as the reference), then alpha CE(masked) +
@@ -120,20 +139,6 @@ def build(ctx):
     meta = {}
 
     def finish():  # prune the model as given: running statistics put back, low-mask neurons' weights zeroed
-        values = {name: m.neuron_mask.detach().clone() for name, m in masks.items()}
-        unwrap(model)
-        with torch.no_grad():
-            state = model.state_dict()
-            for k, v in saved_stats.items():
-                state[k].copy_(v)
-            pruned = 0
-            for name, mask in values.items():
-                low = mask <= args.anp_threshold
-                state[f'{name}.weight'][low] = 0
-                pruned += int(low.sum())
-        model.requires_grad_(True)
-        meta['anp_pruned'] = pruned
-        print(f'ANP: {pruned} of {sum(len(v) for v in values.values())} neurons pruned (mask <= '
-              f'{args.anp_threshold:g})')
+        meta['anp_pruned'] = prune_by_masks(model, masks, saved_stats, args.anp_threshold, 'ANP')
     return Steps(batches=batches, loss=loss, after_step=clip, finish=finish, meta=meta,
                  lr_at=schedule(args.schedule, args.lr, args.epochs, args.milestones, args.factors))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses import clean_batches
-from defenses.anp import unwrap, wrap
+from defenses.anp import prune_by_masks, wrap
 from defenses.ft_at import fine_tuning_options
 from device import autocast
 from options import numbers
@@ -80,20 +80,7 @@ def build(ctx):
     meta = {'rnp_unlearn_epochs': passes}
 
     def finish():  # prune the model as given by the recovered masks
-        values = {name: m.neuron_mask.detach().clone() for name, m in masks.items()}
-        unwrap(model)
-        model.load_state_dict(original)
-        pruned = 0
-        with torch.no_grad():
-            state = model.state_dict()
-            for name, mask in values.items():
-                low = mask <= args.rnp_threshold
-                state[f'{name}.weight'][low] = 0
-                pruned += int(low.sum())
-        model.requires_grad_(True)
-        meta['rnp_pruned'] = pruned
-        print(f'RNP: {pruned} of {sum(len(v) for v in values.values())} neurons pruned (mask <= '
-              f'{args.rnp_threshold:g})')
+        meta['rnp_pruned'] = prune_by_masks(model, masks, original, args.rnp_threshold, 'RNP')
     return Steps(batches=batches, loss=lambda x, y: args.rnp_alpha * F.cross_entropy(model(x), y), after_step=clip,
                  finish=finish, meta=meta,
                  lr_at=schedule(args.schedule, args.lr, args.epochs, args.milestones, args.factors))
