@@ -107,8 +107,10 @@ TRAIN_BADNET = dict(
     weight_decay=1e-4,         # NAD and MCL
     no_augment=False,          # drop the recipe's random crop and flip
     compile='auto',            # torch.compile: auto = on the CPU where a compiler is found (bf16: 29.6 -> 24.3 s/epoch); eager on CUDA (H200: 21% slower)
+    continue_from=None,        # a final model of this run's options with fewer epochs: train on from its epoch (momentum restarts)
 )
-# milestones are fractions of --epochs where the lr is multiplied by the next factor
+# milestones are fractions of --epochs where the lr is multiplied by the next factor (milestone_epochs:
+# epochs, as a reference counts them, whatever --epochs is)
 BADNET_RECIPES = {
     # MCL train_badnet.py: crop (pad 4) + flip, CIFAR mean/std, SGD momentum 0.9, lr /10 at 20% and 70%
     'mcl': dict(augment=True, normalize=None, nesterov=False, milestones=(0.2, 0.7), factors=(1, 0.1, 0.01)),
@@ -116,10 +118,11 @@ BADNET_RECIPES = {
     'nad': dict(augment=False, normalize='none', nesterov=True, milestones=(), factors=(1,)),
     # WaNet as BackdoorBench trains it (attack/wanet.py, config/attack/wanet/cifar10.yaml; VinAI's reference the same
     # but 1,000 epochs): each batch warped first, then crop (pad 5) on 80%, rotation within +-10 degrees on 50%, flip;
-    # its numbers (below) replace train_badnet.py's defaults where no flag sets them; its lr milestones (100, 200, ...)
-    # are never reached in 100 epochs: a constant lr
+    # its numbers (below) replace train_badnet.py's defaults where no flag sets them; both references' lr /10 at
+    # epochs 100, 200, 300, 400 (MultiStepLR): never reached in BackdoorBench's 100, a constant lr; --epochs 130
+    # runs VinAI's schedule to 30 epochs past its first decay
     'wanet': dict(augment=dict(pad=5, crop_p=0.8, degrees=10, rotate_p=0.5), poison_first=True, normalize=None,
-                  nesterov=False, milestones=(), factors=(1,),
+                  nesterov=False, milestone_epochs=(100, 200, 300, 400), factors=(1, 0.1, 0.01, 0.001, 0.0001),
                   numbers=dict(epochs=100, lr=0.01, batch_size=128, weight_decay=5e-4)),
 }
 

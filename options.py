@@ -81,6 +81,8 @@ def badnet(a):
     a('--no_augment', action='store_true', help='no random crop/flip even if the recipe has them')
     a('--compile', choices=('auto', 'on', 'off'), help='torch.compile the model; auto: on the CPU where a C++ '
       'compiler is found, never on CUDA (measured slower there; on: where triton is found)')
+    a('--continue_from', help="a final model this script wrote with these options but fewer --epochs: train on from "
+      "its epoch, the same batches and lr as one longer run (only SGD's momentum restarts from zero)")
 
 
 def defense(a):

@@ -13,6 +13,8 @@ weight decay 1e-4, or 'wanet' (BackdoorBench's WaNet: batches warped, then cropp
 flipped; 100 epochs, lr 0.01 constant, batch 128, weight decay 5e-4 unless flags say otherwise):
 
     python train_badnet.py --trigger_type wanetTrigger --recipe wanet --output wanet.tar
+    python train_badnet.py --trigger_type wanetTrigger --recipe wanet --epochs 130 \
+        --continue_from wanet.tar --output wanet-130.tar   # on to VinAI's lr /10 at epoch 100
 
 The final model is saved, never one chosen by test ASR.
 """
@@ -23,18 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from batching import train_batches
-from checkpoints import make_meta
+from checkpoints import load_checkpoint, make_meta
 from cli import main_guard, parse_args
 from config import BADNET_RECIPES
 from data_loader import RunData, first_rank_first
 from device import compiled, data_parallel, end_distributed, prepare_model, setup
+from errors import UserError
 from files import check_writable
 from label_consistent import hard_images
 from metrics import summary_line
 from models import select_model
 from poisoning import batch_poisoner, poison_train_set
 from refool import reflection_trigger
-from training import Steps, fit
+from training import NOT_RESULT, Steps, fit, result_options
 from utils import step_lr
 
 
@@ -48,6 +51,36 @@ def default_output(args):
     own = os.path.join(args.checkpoint_root, 's_net', f'{args.arch}-{args.trigger_type}-seed{args.seed}.tar')
     print(f'{plain} exists and is kept; this model goes to {own} (defend it with --s_model {own})')
     return own
+
+
+def continue_from(args, model, meta, lr_at):
+    """Load --continue_from's weights into model and return its epoch, after checking it was written by this
+    script with this run's every result option but --epochs (fewer), the same trigger and the same lr in every
+    epoch it trained (lr_at(epoch, epochs)): the epochs after it then see the batches and lr of one longer run
+    (seeded by epoch); only SGD's momentum restarts."""
+    ckpt = load_checkpoint(args.continue_from)
+    old, epoch = ckpt.get('meta', {}), ckpt.get('epoch')
+    if old.get('script') != 'train_badnet.py' or not isinstance(epoch, int):
+        raise UserError(f'--continue_from {args.continue_from}: not a model train_badnet.py wrote')
+    if epoch >= args.epochs:
+        raise UserError(f'--continue_from {args.continue_from} was trained {epoch} epochs: --epochs must be more')
+    saved = {k: v for k, v in old.get('args', {}).items() if k not in NOT_RESULT}
+    for key in sorted(set(saved) | set(result_options(args))):
+        if key in ('epochs', 'continue_from'):
+            continue
+        if saved.get(key, '(unset)') != result_options(args).get(key, '(unset)'):
+            raise UserError(f'--continue_from {args.continue_from} was trained with --{key} '
+                            f'{saved.get(key, "(unset)")}, this run has {result_options(args).get(key, "(unset)")}')
+    mine, theirs = meta['attack']['trigger'], old.get('attack', {}).get('trigger', {})
+    if set(mine) != set(theirs) or any(torch.is_tensor(v) and not torch.equal(v, theirs[k]) for k, v in mine.items()):
+        raise UserError(f'--continue_from {args.continue_from} carries another trigger than this run makes')
+    if [lr_at(e, epoch) for e in range(epoch)] != [lr_at(e) for e in range(epoch)]:
+        raise UserError(f"--continue_from {args.continue_from}: recipe {args.recipe}'s lr schedule over {epoch} epochs "
+                        f'is not the first {epoch} of {args.epochs} (its milestones scale with --epochs)')
+    model.load_state_dict(ckpt['state_dict'])
+    meta['continued_from'] = dict(file=os.path.basename(args.continue_from), epoch=epoch)
+    print(f'continuing {args.continue_from} from epoch {epoch} to {args.epochs} (SGD momentum restarts from zero)')
+    return epoch
 
 
 def main():
@@ -89,10 +122,11 @@ def main():
     batches = lambda epoch: train_batches(x, y, args.batch_size, data.normalizer, args.seed, epoch,
                                           augment_data=augment, shard=(args.rank, args.world_size), poison=poison,
                                           poison_first=recipe.get('poison_first', False))
-    milestones = [round(f * args.epochs) for f in recipe['milestones']]
-    lr_at = lambda epoch: step_lr(args.lr, epoch, milestones, recipe['factors'])
+    milestones = lambda epochs: recipe.get('milestone_epochs') or [round(f * epochs) for f in recipe['milestones']]
+    lr_at = lambda epoch, epochs=args.epochs: step_lr(args.lr, epoch, milestones(epochs), recipe['factors'])
+    first_epoch = continue_from(args, model, meta, lr_at) if args.continue_from else 0
     metrics = fit(args, model, Steps(batches, loss_fn), lr_at, data.test, data.normalizer, out_path=out, csv_path=csv_path,
-                  meta=meta, nesterov=recipe['nesterov'], tag='badnet')
+                  meta=meta, nesterov=recipe['nesterov'], tag='badnet', first_epoch=first_epoch)
     end_distributed(args)
     print(f'saved {out} ({time.time() - t0:.0f}s); log {csv_path}')
     print(summary_line(metrics, args.json))

@@ -37,14 +37,15 @@ class Steps:
 
 
 def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta, epochs=None, nesterov=False,
-        evaluate_first=False, tag='train', optimizer='sgd'):
+        evaluate_first=False, tag='train', optimizer='sgd', first_epoch=0):
     """The training loop of every script; ends by saving the final model to out_path (None: the
     model is only returned in place, with no resume state and no file).
 
     steps: what each epoch runs (Steps); lr_at(epoch) -> learning rate of that epoch (0-based). optimizer:
     'sgd' (momentum, weight decay, nesterov from the arguments) or 'adam'. Each epoch ends with an atomic
     resume state, so --resume after a crash repeats the uninterrupted run exactly (or refuses, if any
-    option that changes the result differs). Returns the final model's metrics.
+    option that changes the result differs). first_epoch: where a model continued from its final epoch
+    (train_badnet.py --continue_from) starts. Returns the final model's metrics.
     """
     epochs = steps.epochs if steps.epochs is not None else args.epochs if epochs is None else epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
@@ -54,7 +55,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
         optimizer = torch.optim.Adam(params, lr=lr_at(0), weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=args.momentum, weight_decay=args.weight_decay,
-                                    nesterov=nesterov)
+                                    nesterov=nesterov and args.momentum > 0)  # without momentum Nesterov is plain SGD
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=args.amp == 'fp16')
     extra_modules = dict(extra_modules, **({'grad_scaler': scaler} if scaler.is_enabled() else {}))
@@ -68,7 +69,7 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
     if not rows and evaluate_first and not steps.finish:
         rows.append(dict(epoch=0, lr=0.0, loss=float('nan'), **csv_metrics(score(monitor), monitor), seconds=0.0))
         print(log_line(rows[-1], epochs, tag))
-    for epoch in range(rows[-1]['epoch'] if rows else 0, epochs):
+    for epoch in range(rows[-1]['epoch'] if rows else first_epoch, epochs):
         t0 = time.time()
         loss = train_epoch(model, optimizer, steps.loss, steps.batches(epoch), lr_at(epoch), args.amp,
                            steps.gradient_point, steps.after_step, scaler, steps.train_mode)

@@ -146,3 +146,26 @@ def test_a_killed_defense_resumes_bit_identical(defense, backdoored, image_folde
     assert f'resuming {tag_of(defense, parse_args("main_ft.py", flags(b)))} after epoch' in r.stdout
     sa, sb = torch.load(a, weights_only=True)['state_dict'], torch.load(b, weights_only=True)['state_dict']
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_continue_from_a_shorter_run_is_that_longer_run(image_folder, tmp_path):
+    """Without momentum (the one state a final model drops) a model continued from its epoch 2 to 4 is the
+    4-epoch run bit for bit; a recipe whose milestones scale with --epochs, or another option, is refused."""
+    out = {n: str(tmp_path / f'{n}.tar') for n in ('long', 'short', 'on', 'mcl', 'refused')}
+    nad = ['--recipe', 'nad', '--momentum', 0]
+    for name, epochs, extra in (('long', 4, nad), ('short', 2, nad), ('mcl', 2, [])):
+        r = run_script('train_badnet.py', *badnet_args(image_folder, out[name], epochs=epochs), *extra)
+        assert r.returncode == 0, r.stderr
+    r = run_script('train_badnet.py', *badnet_args(image_folder, out['on']), *nad, '--continue_from', out['short'])
+    assert r.returncode == 0, r.stderr
+    a, b = torch.load(out['long'], weights_only=True), torch.load(out['on'], weights_only=True)
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
+    assert b['epoch'] == 4 and b['meta']['continued_from'] == dict(file='short.tar', epoch=2)
+    assert [r['epoch'] for r in rows(str(tmp_path / 'train_badnet_on.csv'))] == ['3', '4']
+    for model, extra, said in ((out['mcl'], [], "recipe mcl's lr schedule over 2 epochs"),
+                               (out['short'], [*nad, '--lr', 0.1], '--lr 0.05, this run has 0.1'),
+                               (out['long'], nad, 'trained 4 epochs: --epochs must be more')):
+        r = run_script('train_badnet.py', *badnet_args(image_folder, out['refused']), *extra, '--continue_from', model)
+        assert r.returncode == 2 and said in r.stderr and 'Traceback' not in r.stderr, r.stderr
+        assert not os.path.exists(out['refused'])
