@@ -212,6 +212,20 @@ FT_AT = dict(  # the blind baseline: exactly FT's recipe, with the adversarial s
     adv_step=0.05,             # PGD step (eps/4, random start)
     adv_steps=5,               # PGD steps (SAU's adv_steps)
 )
+# BTI-DBF(U) (Xu et al., ICLR 2024) btidbfu.py and its cfg.py: unlearning by Adam lr 1e-4 (no weight decay),
+# batch 128, crop + flip, 30 passes in each of 5 rounds (its README)
+BTIDBF = dict(epochs=150, lr=1e-4, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='adam',
+              schedule='constant', milestones=(), factors=(1,), augment=True, drop_last=False, cutout=0,
+              bti_rounds=5,         # nround
+              bti_pre_epochs=50,    # pretrain.py's preround
+              bti_mask_epochs=20,   # mround
+              bti_gen_epochs=30,    # uround
+              bti_gen_lr=1e-3,      # gen_lr (pre-training and inversion)
+              bti_mask_lr=0.01,     # the feature mask's Adam
+              bti_norm_bound=0.3,   # norm_bound: image MSE, in the model's input units
+              bti_feat_bound=3.0,   # feat_bound (cfg.py; an earlier one said 5)
+              bti_share=0.1,        # int(0.1 * batch + 1) generated images
+              rho=0.0)              # no path-aware point: plain Adam
 NC_PASSES = 20                 # NC's passes over 1000 images per class: what fits 5 minutes a cell here (see results/README.md)
 MCR_EPOCHS = 40               # the reference's 100 curve epochs take 6 minutes a cell here (results/README.md: the effect)
 DEFENSES = {
@@ -229,6 +243,12 @@ DEFENSES = {
     'pam': dict(FT_AT, epochs=30, lr=0.01, batch_size=128, momentum=0.1, nesterov=False,
                 weight_decay=0.0, schedule='constant', milestones=(), factors=(1,), cutout=0,
                 rho=0.5),              # distance towards the backdoored weights (its ResNet-18 script; 1% of a WRN-16-1's norm)
+    'btidbf': BTIDBF,
+    # PAM on BTI-DBF's images as PAM's code runs it (fine_tune/BTIDBF/btidbfu.py --use_sam, defense.sh): BTI-DBF's
+    # generator, 3 rounds, unlearning by SGD lr 0.01 momentum 0.1 at the path-aware point, CE only
+    'pam-bti': dict(BTIDBF, epochs=90, lr=0.01, momentum=0.1, optimizer='sgd', bti_rounds=3,
+                    bti_share=0.2,      # int(0.2 * batch + 1) generated images
+                    rho=0.5),           # as PAM's
     # FST (Min et al., NeurIPS 2023) ft.py --ft_mode fst: SGD momentum 0.9, no weight decay, cosine over 10 epochs
     'fst': dict(epochs=10, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
                 schedule='cosine', augment=True, drop_last=True, cutout=0,

@@ -29,6 +29,7 @@ class Steps:
     after_step: Optional[Callable] = None    # runs after every optimiser step (FST: the head's norm put back)
     train_mode: bool = True                  # False: the model steps in eval mode (SAU: BatchNorm frozen)
     extra_modules: dict = field(default_factory=dict)  # trained beside the model where they need gradients; resumed
+    #                                          (any state_dict holder: BTI-DBF's generator's own optimiser too)
     meta: dict = field(default_factory=dict)  # what the run adds to the checkpoint's meta and the summary
     epochs: Optional[int] = None             # the defense's own count where it decides one (NC: 0, nothing flagged)
     lr_at: Optional[Callable] = None         # epoch -> lr where the defense sets its own (FT: --teacher_lr's schedule)
@@ -50,7 +51,8 @@ def fit(args, model, steps, lr_at, test, normalizer, *, out_path, csv_path, meta
     epochs = steps.epochs if steps.epochs is not None else args.epochs if epochs is None else epochs
     lead = getattr(args, 'rank', 0) == 0  # under torchrun only rank 0 writes files
     extra_modules = dict(steps.extra_modules)
-    params = list(model.parameters()) + [p for m in extra_modules.values() for p in m.parameters() if p.requires_grad]
+    params = list(model.parameters()) + [p for m in extra_modules.values() if isinstance(m, torch.nn.Module)
+                                         for p in m.parameters() if p.requires_grad]
     if optimizer == 'adam':
         optimizer = torch.optim.Adam(params, lr=lr_at(0), weight_decay=args.weight_decay)
     else:

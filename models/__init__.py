@@ -2,7 +2,8 @@
 
 Every model's forward(x) returns logits; forward(x, features=True) returns
 (logits, (a1, a2, a3), pooled): the three group activations used by AT/NAD/ARGD and the
-pooled feature used by MCL.
+pooled feature used by MCL; to_features(x) the map the head pools and from_features(f) the logits of one (BTI-DBF).
+models/unet.py: BTI-DBF's trigger generator (not a classifier).
 """
 import contextlib
 

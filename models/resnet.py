@@ -35,6 +35,14 @@ class ResNet(nn.Module):
         self.linear = nn.Linear(512, num_classes)
         self.feature_dim = 512
 
+    def to_features(self, x):
+        """The feature map the head pools (BTI-DBF's from_input_to_features): layer4's output."""
+        return self.layer4(self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))))
+
+    def from_features(self, f):
+        """Logits of a feature map from to_features (pooled, then the head)."""
+        return self.linear(F.adaptive_avg_pool2d(f, 1).flatten(1))
+
     def forward(self, x, features=False):
         out = self.layer1(F.relu(self.bn1(self.conv1(x))))
         a1 = self.layer2(out)

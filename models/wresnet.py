@@ -60,6 +60,14 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def to_features(self, x):
+        """The feature map the head pools (BTI-DBF's from_input_to_features): the last block, batch-normed, ReLU'd."""
+        return self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+
+    def from_features(self, f):
+        """Logits of a feature map from to_features (pooled, then the head)."""
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1))
+
     def forward(self, x, features=False):
         a1 = self.block1(self.conv1(x))
         a2 = self.block2(a1)

@@ -19,8 +19,8 @@ def help_of(script, flag, defense=None):
 @pytest.mark.parametrize('script, flag, defense, shown', [
     ('train_badnet.py', '--seed', None, '(default: 0)'), ('train_badnet.py', '--target_label', None, '(default: 0)'),
     ('main-ARGD.py', '--epochs', None, '(default for argd: 10)'), ('main-ARGD.py', '--epochs', 'nad', '(default for nad: 20)'),
-    ('main-ARGD.py', '--defense', None, '{argd,ft,nad,mcl,mcl-tk,argd-si,ft-at,ft-si,pam,fst,sau,fp,clp,anp,rnp,nc,i-bau,mcr,strip}'),
-    ('main_ft.py', '--defense', None, '{pam,ft,nad,argd,mcl,mcl-tk,argd-si,ft-at,ft-si,fst,sau,fp,clp,anp,rnp,nc,i-bau,mcr,strip} the'),
+    ('main-ARGD.py', '--defense', None, '{argd,ft,nad,mcl,mcl-tk,argd-si,ft-at,ft-si,pam,btidbf,pam-bti,fst,sau,fp,clp,anp,rnp,nc,i-bau,mcr,strip}'),
+    ('main_ft.py', '--defense', None, '{pam,ft,nad,argd,mcl,mcl-tk,argd-si,ft-at,ft-si,btidbf,pam-bti,fst,sau,fp,clp,anp,rnp,nc,i-bau,mcr,strip} the'),
     ('main_ft.py', '--epochs', 'fst', '(default for fst: 10)'), ('main_ft.py', '--lr', 'sau', '(default for sau: 0.0001)')])
 def test_help_shows_zero_and_per_defense_defaults(script, flag, defense, shown):
     assert shown in help_of(script, flag, defense)

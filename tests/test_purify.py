@@ -183,6 +183,7 @@ SAYS = {
     'mcr': "MCR: the curve's point t = ",
     'mcl-tk': 'left out of the contrastive term',
     'anp': 'ANP: ', 'rnp': 'RNP: ', 'fp': 'FP: ', 'clp': 'CLP: ',  # how many it pruned
+    'btidbf': 'BTI-DBF: the generated images go to class 0', 'pam-bti': 'BTI-DBF: the generated images go to class 0',
 }
 
 
