@@ -161,6 +161,8 @@ def strip(a):
     a('--strip_n', type=int, minimum=1, help='STRIP: clean overlays superimposed on each input')
     a('--strip_frr', type=float, help="STRIP: false rejection rate the threshold is set at, on the defender's clean subset")
     a('--strip_images', type=int, minimum=1, help='STRIP: test images of each set scored, and defender images for the threshold')
+    a('--strip_threshold', choices=('quantile', 'normal'), help="STRIP: the threshold is the --strip_frr quantile of "
+      "the defender's entropies (quantile) or of the normal fitted to them (normal: the paper's)")
 
 
 def attack_from(a):

@@ -196,7 +196,9 @@ def test_strip_superimposes_scores_entropy_and_sets_its_threshold():
     two = entropy_bits(torch.tensor([[0.0, 0.0, -1e9]])).item()
     assert two == pytest.approx(1.0)
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])                                         # mean 3, std sqrt(2.5)
-    assert threshold_at(values, 0.01) == pytest.approx(3 - 2.3263479 * math.sqrt(2.5), rel=1e-6)
+    assert threshold_at(values, 0.01, 'normal') == pytest.approx(3 - 2.3263479 * math.sqrt(2.5), rel=1e-6)
+    assert threshold_at(values, 0.01) == pytest.approx(1.04)  # the empirical quantile: 1 + 0.01 x 4 between 1 and 2
+    assert threshold_at(values[torch.randperm(5)], 0.5) == pytest.approx(3.0)
     clean, triggered = torch.tensor([1.0, 1.2, 0.9, 1.1]), torch.tensor([0.1, 0.2, 1.0])
     assert auroc(clean, triggered) == pytest.approx((4 + 4 + 2.5) / 12)  # 1.0: below 1.1 and 1.2, ties 1.0 (half)
     assert auroc(clean, clean) == pytest.approx(0.5)
