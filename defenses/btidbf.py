@@ -4,7 +4,8 @@ xuxiong0214/BTIDBF pretrain.py, btidbfu.py), and PAM on its images as PAM's own 
 btidbf | pam-bti.
 
 A U-Net generator (models/unet.py), in the classifier's input space, is first pre-trained to reproduce the clean
-images as the model sees them (bti_pre_epochs). Then, in each of bti_rounds rounds:
+images as the model sees them (bti_pre_epochs; once per model, subset and seed, cached beside the decoded data as
+the reference's pretrain.py writes its file for both scripts). Then, in each of bti_rounds rounds:
   1. decoupling: on a copy of the model (BatchNorm in training mode, as the reference), a mask over its feature map
      (sigmoid-like 0.5 + tanh/2, Adam lr 0.01, bti_mask_epochs passes) is learned so that the masked features keep
      the true class and the rest lose it: CE(head(m * f), y) - CE(head((1 - m) * f), y);
@@ -21,6 +22,9 @@ The generator, its optimiser and the detected target are resumed with the run; e
 round, so a resumed run repeats the uninterrupted one.
 """
 import copy
+import hashlib
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +32,12 @@ import torch.nn.functional as F
 from adversarial import share_count
 from defenses import clean_batches
 from defenses.ft_at import fine_tuning_options
+from checkpoints import load_checkpoint, on_cpu
+from decoding import cache_path, data_fingerprint
 from defenses.pam import path_aware
 from device import autocast
 from errors import UserError
+from files import atomic_save, content_hash
 from models import eval_mode
 from models.unet import UNet
 from subsets import seeded
@@ -83,10 +90,12 @@ def features(model, x):
     return model.to_features(x)
 
 
-def pretrain(gen, opt, model, batches, args, device, log):
+def pretrain(gen, model, batches, args, device, log):
     """pretrain.py: the generator learns to reproduce the images as the model sees them (predictions, features,
-    pixels; the pixel term weighted 100 while its MSE is above 0.1, else 0.01). The reference's prediction
-    term is its cross_entropy(softmax(clean logits), softmax(generated logits)), kept as it is."""
+    pixels; the pixel term weighted 100 while its MSE is above 0.1, else 0.01), by its own Adam (the inversion
+    starts a fresh one, as btidbfu.py). The reference's prediction term is its cross_entropy(softmax(clean
+    logits), softmax(generated logits)), kept as it is."""
+    opt = torch.optim.Adam(gen.parameters(), lr=args.bti_gen_lr)
     for p in range(args.bti_pre_epochs):
         total, steps = 0.0, 0
         for x, _ in batches(f'bti-pre-{p}'):
@@ -174,6 +183,25 @@ def detect(gen, model, batches, args, device, num_classes):
     return int(counts.argmax()), counts.tolist()
 
 
+def pretrained(gen, run, args, batches, log):
+    """The pre-trained generator: made once per model, defender's subset, seed and pre-training recipe, and kept
+    beside the decoded data (decoding.cache_path), as the reference's pretrain.py writes init_generator.pt for
+    btidbf.py and btidbfu.py to load: BTI-DBF(U) and PAM-BTI of one seed share it."""
+    recipe = {k: getattr(args, k) for k in ('seed', 'ratio', 'bti_pre_epochs', 'bti_gen_lr', 'batch_size', 'augment',
+                                            'drop_last', 'cutout', 'amp')}
+    key = hashlib.sha1(json.dumps(dict(recipe, model=content_hash(run.s_path), data=data_fingerprint(args.data_root),
+                                       dataset=args.dataset, subset=hashlib.sha1(run.x.cpu().numpy().tobytes()).hexdigest()),
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_path(args.data_root, f'bti_pretrained_{key}')
+    if os.path.exists(path):
+        gen.net.load_state_dict(load_checkpoint(path)['generator'])
+        log(f'BTI-DBF: the pre-trained generator of this model, subset and seed, from {path}')
+        return
+    with eval_mode(run.model):  # the reference's classifier.eval() while the generator learns its view
+        pretrain(gen, run.model, batches, args, run.device, log)
+    atomic_save({'generator': on_cpu(gen.net.state_dict()), 'recipe': recipe, 'key': key}, path)
+
+
 def build(ctx):
     args, run = ctx.args, ctx
     model, device = run.model, run.device
@@ -190,14 +218,15 @@ def build(ctx):
     def prepare(round_):
         """Before a round's unlearning: pre-training (first round), decoupling, inversion, detection (first)."""
         gen.requires_grad_(True)
+        trained = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)  # the model only passes gradients to the generator here
-        with eval_mode(model):  # the reference's classifier.eval() while the generator learns its view
-            if round_ == 0:
-                pretrain(gen, gen_opt, model, clean, args, device, log)
+        if round_ == 0:
+            pretrained(gen, run, args, clean, log)
         mask, inv = benign_mask(model, clean, args, device, round_, log)
         invert(gen, gen_opt, inv, mask, clean, args, device, round_, log)
         gen.requires_grad_(False)
-        model.requires_grad_(True)
+        for p, flag in zip(model.parameters(), trained):
+            p.requires_grad_(flag)
         if round_ == 0:
             target, counts = detect(gen, model, clean, args, device, run.data.num_classes)
             gen.target.fill_(target)

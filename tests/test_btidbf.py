@@ -1,11 +1,13 @@
 """BTI-DBF's pieces on small inputs: the U-Net's shapes, the models' feature split, the generator held to its image
 bound by the pull-back, the benign mask's objective, and the detection's vote."""
+import shutil
 import types
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import run_script, toy_flags
 from defenses.btidbf import Generator, benign_mask, detect, invert
 from models import select_model
 from models.unet import UNet
@@ -92,3 +94,21 @@ def test_epochs_that_do_not_split_into_its_rounds_are_one_clear_line(backdoored,
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.strip() == 'error: --epochs 5 must be a multiple of --bti_rounds 2 (each round unlearns as many passes)'
     assert not (tmp_path / 'w').exists() and not (tmp_path / 'logs').exists()
+
+
+@pytest.mark.slow
+def test_the_pretrained_generator_is_made_once_per_model_subset_and_seed(backdoored, image_folder, tmp_path):
+    """As the reference's pretrain.py writes one generator for btidbf.py and btidbfu.py: PAM-BTI after BTI-DBF(U)
+    (same seed) loads it; another seed pre-trains its own."""
+    data = tmp_path / 'data'
+    shutil.copytree(image_folder, data, ignore=shutil.ignore_patterns('.*'))  # a cache of its own
+    flags = lambda key, seed: ['--dataset', 'ImageFolder', '--data_root', data, '--s_model', backdoored['path'],
+                               '--ratio', 0.5, '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path / 'logs',
+                               '--seed', seed, *toy_flags(key, epochs=1)]
+    said = []
+    for key, seed in (('btidbf', 0), ('pam-bti', 0), ('btidbf', 1)):
+        r = run_script('main_ft.py', *flags(key, seed))
+        assert r.returncode == 0, r.stderr
+        said.append(('pre-training pass' in r.stdout, 'the pre-trained generator of this model' in r.stdout))
+    assert said == [(True, False), (False, True), (True, False)]
+    assert len(list(data.glob('.bti_pretrained_*.pt'))) == 2
