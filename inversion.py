@@ -100,21 +100,23 @@ def search(model, x, normalizer, s, passes, batch_size, lr, amp=False, max_image
     references) per batch over every class at once: each batch is stacked once per class, so one forward serves
     them all (or, where classes x batch exceeds max_images, one forward per chunk of classes, gradients summed
     before the one step: the same result, less memory for 43 or 100 classes). Each class has its own trigger,
-    cost and counters, and Adam's update is per element, so a class gets what it would alone. The model must be
-    frozen (see frozen)."""
+    cost and counters, and Adam's update is per element, so a class gets what it would alone. A class whose search
+    has ended (s.live() 0) leaves the forwards: the passes cost what the classes still searching cost (its success
+    and size are reported as NaN). The model must be frozen (see frozen)."""
     device, k = x.device, len(s.targets)
     opt = torch.optim.Adam(s.params, lr=lr, betas=(0.5, 0.9))
     order_g = torch.Generator().manual_seed(s.order_seed)
     images, batch_size = min(s.images, len(x)), min(batch_size, len(x))
     labels = torch.tensor(s.targets, device=device).repeat_interleave(batch_size)
     per_forward = max(1, max_images // batch_size)  # classes per forward
-    chunks = [(c, min(c + per_forward, k)) for c in range(0, k, per_forward)]
     for done in tqdm(range(1, passes + 1), desc=s.desc, unit='pass', disable=None, leave=False):
         order = torch.randperm(len(x), generator=order_g)[:images].to(device)
         hits, sizes, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
         # built once per pass (costs and retirements move only between passes): no host copy per step
         cost = torch.tensor(s.costs(), device=device)
-        live = torch.tensor(s.live(), dtype=torch.float32, device=device)
+        on = s.live()
+        live = torch.tensor(on, dtype=torch.float32, device=device)
+        chunks = live_chunks(on, per_forward)  # a retired class is left out of the forward (its gradient is 0)
         for i in range(0, images - batch_size + 1, batch_size):
             xb = x[order[i:i + batch_size]].permute(0, 3, 1, 2).float() / 255
             opt.zero_grad(set_to_none=True)
@@ -128,8 +130,26 @@ def search(model, x, normalizer, s, passes, batch_size, lr, amp=False, max_image
                 sizes[c0:c1] += size.detach()
             opt.step()
             steps += 1
-        if s.after_pass(done, (hits / steps).tolist(), (sizes / steps).tolist()):
+        retired = live == 0  # not scored this pass
+        if s.after_pass(done, (hits / steps).masked_fill(retired, float('nan')).tolist(),
+                        (sizes / steps).masked_fill(retired, float('nan')).tolist()):
             break
+
+
+def live_chunks(on, per_forward):
+    """The searching classes (on[c] != 0) as contiguous ranges (c0, c1) of at most per_forward classes each: the
+    forwards of one step. With every class searching: (0, p), (p, 2p), ..."""
+    chunks, c = [], 0
+    while c < len(on):
+        if not on[c]:
+            c += 1
+            continue
+        end = c
+        while end < len(on) and on[end] and end - c < per_forward:
+            end += 1
+        chunks.append((c, end))
+        c = end
+    return chunks
 
 
 @dataclass

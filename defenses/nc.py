@@ -8,6 +8,7 @@ and leaves the model as it is (0 epochs).
 Numbers: config.DEFENSES['nc'] (the reference's, VinAIResearch/input-aware-backdoor-attack-release
 defenses/neural_cleanse, and the paper's unlearning).
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from training import Steps
 KEYS = {'nc': dict(label='NC')}
 FINDINGS = ('nc_flagged', 'nc_anomaly_index')  # the classes it flagged, the largest anomaly index
 EPS = 1e-7  # NC's EPSILON: tanh / (2 + eps) + 0.5 stays inside (0, 1)
+PROGRESS_S = 60  # seconds between the search's progress lines in a log
 
 
 def options(add):
@@ -124,6 +126,12 @@ def reverse_engineer(model, x, normalizer, num_classes, nc, max_images=INVERSION
         masks, patterns = to_unit(mask_raw[c0:c1]), to_unit(pattern_raw[c0:c1])
         return apply_trigger(xb[None], masks[:, None], patterns[:, None]).flatten(0, 1), masks.abs().sum((1, 2, 3))
 
+    def class_line(c, why):
+        s = schedules[c]
+        mask = s.best[0] if s.best is not None else last['masks'][c]
+        print(f"NC class {c}: mask L1 {float(mask.abs().sum()):.2f}, {'reached' if s.best is not None else 'missed'} "
+              f'the bound, {passes[c]} passes ({why})', flush=True)
+
     def after_pass(epoch, success, norm):
         with torch.no_grad():
             last['masks'], last['patterns'] = to_unit(mask_raw), to_unit(pattern_raw)
@@ -131,7 +139,13 @@ def reverse_engineer(model, x, normalizer, num_classes, nc, max_images=INVERSION
             if live[c]:
                 passes[c] = epoch
                 live[c] = not schedules[c].after_pass(success[c], norm[c], last['masks'][c], last['patterns'][c])
+                if not live[c] or epoch == nc.epochs:  # a line per class as its search ends
+                    class_line(c, 'early stop' if not live[c] else 'last pass')
+        if time.time() - clock[0] >= PROGRESS_S and any(live):  # a log has no bar: a line every minute or so
+            clock[0] = time.time()
+            print(f'NC pass {epoch}/{nc.epochs}: {sum(live)} of {k} classes still searching', flush=True)
         return not any(live)
+    clock = [time.time()]
     with frozen(model):
         search(model, x, normalizer, Search(list(range(k)), [mask_raw, pattern_raw], stamp,
                                             lambda: [s.cost for s in schedules], lambda: live, after_pass,
@@ -171,9 +185,6 @@ def build(ctx):
                              Reversal(args.nc_epochs, args.nc_images, args.nc_batch_size, args.nc_init_cost,
                                       args.nc_bound, args.nc_patience, args.nc_early_stop, args.nc_lr, args.seed, args.amp))
     norms = [info['l1'] for _, _, info in found]
-    for c, (_, _, info) in enumerate(found):
-        print(f"NC class {c}: mask L1 {info['l1']:.2f}, {'reached' if info['found'] else 'missed'} the bound, "
-              f"{info['passes']} passes", flush=True)
     flagged, idx = flagged_classes(norms)
     print('NC anomaly index per class: ' + ' '.join(f'{c}:{v:.2f}' for c, v in enumerate(idx)))
     meta = dict(nc_flagged=flagged, nc_anomaly_index=round(float(max(idx)), 2),

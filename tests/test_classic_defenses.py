@@ -26,7 +26,7 @@ from defenses.nc import (
     to_unit,
     with_trigger_share,
 )
-from inversion import class_losses
+from inversion import class_losses, live_chunks
 from defenses.strip import auroc, entropy_bits, strip_entropy, superimpose, threshold_at
 from triggers import make_trigger
 from utils import curve_lr
@@ -224,3 +224,20 @@ def test_strip_script_reports_its_filter_on_the_toy(backdoored, image_folder, tm
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m['images'] == [100, 100] and m['n'] == 20 and m['ASR'] >= 90 and m['AUROC'] > 60, m
     assert m['ASR_through'] <= min(m['ASR'], m['FAR']) and 0 <= m['FRR'] <= 100, m
+
+
+def test_nc_search_runs_to_its_own_early_stop_and_says_so_per_class(capsys):
+    """The reference's early stop (cost moved both ways, then 25 passes without a 1% smaller mask) ends every
+    class's search well before its pass budget on the planted backdoor, each class with a line as it ends, and
+    the target is still the one flagged."""
+    model, x, _, norm = planted_linear()
+    budget = 400
+    found = reverse_engineer(model, x, norm, 4, Reversal(epochs=budget, images=400, batch_size=64, init_cost=1e-3,
+                                                         bound=0.99, patience=5, early_stop=25, lr=0.1, seed=0))
+    passes = [info['passes'] for _, _, info in found]
+    assert max(passes) < budget, passes
+    assert flagged_classes([info['l1'] for _, _, info in found])[0] == [0]
+    out = capsys.readouterr().out
+    assert [out.count(f'NC class {c}: ') for c in range(4)] == [1] * 4 and out.count('(early stop)') == 4, out
+    # the classes still searching, in forwards of at most 2 classes: an ended class is left out
+    assert live_chunks([1, 0, 1, 1, 1], 2) == [(0, 1), (2, 4), (4, 5)] and live_chunks([1] * 5, 2) == [(0, 2), (2, 4), (4, 5)]
