@@ -44,7 +44,8 @@ from subsets import seeded
 from training import Steps
 
 KEYS = {'btidbf': dict(label='BTI-DBF(U)'), 'pam-bti': dict(label='PAM-BTI')}
-FINDINGS = ('bti_target',)  # the class the generator's images went to, after the first round's inversion
+FINDINGS = ('bti_target', 'bti_counts')  # the class the generator's images went to after the first round's inversion,
+# and how many of them went to each class (the vote)
 
 
 def options(add):
@@ -74,13 +75,14 @@ def check(args):
 
 
 class Generator(torch.nn.Module):
-    """The U-Net and the target its images were found to go to (-1 until the first round's detection): one
-    state, resumed with the run. Its weights train only in its own phases (requires_grad off otherwise, so the
-    model's optimiser never holds them)."""
-    def __init__(self):
+    """The U-Net, the target its images were found to go to (-1 until the first round's detection) and the vote's
+    count per class: one state, resumed with the run. Its weights train only in its own phases (requires_grad off
+    otherwise, so the model's optimiser never holds them)."""
+    def __init__(self, num_classes=10):
         super().__init__()
         self.net = UNet()
         self.register_buffer('target', torch.tensor(-1))
+        self.register_buffer('counts', torch.zeros(num_classes, dtype=torch.long))
 
     def forward(self, x):
         return self.net(x)
@@ -209,7 +211,7 @@ def build(ctx):
     if not hasattr(model, 'to_features'):
         raise UserError(f'{type(model).__name__} has no feature map for BTI-DBF (to_features)')
     torch.manual_seed(args.seed)
-    gen = Generator().to(device).requires_grad_(False)
+    gen = Generator(run.data.num_classes).to(device).requires_grad_(False)
     gen_opt = torch.optim.Adam(gen.parameters(), lr=args.bti_gen_lr)
     clean = clean_batches(args, run)  # its stream name is any label: the phases draw their own orders
     log = lambda line: print(line, flush=True)
@@ -230,13 +232,14 @@ def build(ctx):
         if round_ == 0:
             target, counts = detect(gen, model, clean, args, device, run.data.num_classes)
             gen.target.fill_(target)
+            gen.counts.copy_(torch.tensor(counts))
             log(f'BTI-DBF: the generated images go to class {target} (per class: {counts})')
 
     def batches(epoch):
         round_, within = divmod(epoch, per_round)
         if within == 0:
             prepare(round_)
-        meta['bti_target'] = int(gen.target)
+        meta.update(bti_target=int(gen.target), bti_counts=gen.counts.tolist())
         for x, y in clean(epoch):
             n = share_count(args.bti_share, len(y))
             mixed = x.clone()

@@ -25,7 +25,7 @@ from inversion import Search, anomaly_indices, frozen, search
 from training import Steps
 
 KEYS = {'nc': dict(label='NC')}
-FINDINGS = ('nc_flagged', 'nc_anomaly_index')  # the classes it flagged, the largest anomaly index
+FINDINGS = ('nc_flagged', 'nc_anomaly_index', 'nc_norms')  # the classes flagged, the largest anomaly index, the masks' L1
 EPS = 1e-7  # NC's EPSILON: tanh / (2 + eps) + 0.5 stays inside (0, 1)
 PROGRESS_S = 60  # seconds between the search's progress lines in a log
 
