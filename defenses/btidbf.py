@@ -148,7 +148,7 @@ def invert(gen, opt, inv, mask, batches, args, device, round_, log):
     """The generator moves the backdoor features (1 - m) and keeps the benign ones (m), within its bounds."""
     target = int(gen.target)
     for e in range(args.bti_gen_epochs):
-        total, steps, pulled = 0.0, 0, 0
+        total, steps, by_image, by_features, benign_sum = 0.0, 0, 0, 0, 0.0
         for x, _ in batches(f'bti-gen-{round_}-{e}'):
             with autocast(device, args.amp):
                 g = gen(x)
@@ -159,7 +159,9 @@ def invert(gen, opt, inv, mask, batches, args, device, round_, log):
                 backdoor = F.mse_loss((1 - mask) * f_clean, (1 - mask) * f_gen)
                 norm = F.mse_loss(x, g.float())
                 if norm > args.bti_norm_bound or benign > args.bti_feat_bound:
-                    loss, pulled = norm, pulled + 1
+                    loss = norm
+                    by_image += int(norm > args.bti_norm_bound)
+                    by_features += int(benign > args.bti_feat_bound)
                 else:
                     loss = -backdoor + 0.01 * benign
                 if round_ > 0:
@@ -167,9 +169,11 @@ def invert(gen, opt, inv, mask, batches, args, device, round_, log):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
+            total, steps, benign_sum = total + loss.item(), steps + 1, benign_sum + benign.item()
         log(f'BTI-DBF round {round_ + 1} inversion pass {e + 1}/{args.bti_gen_epochs}: loss {total / max(steps, 1):.4f}, '
-            f'last batch image MSE {norm.item():.4f}, {pulled} of {steps} batches pulled back by a bound')
+            f'benign-feature MSE {benign_sum / max(steps, 1):.4f} (bound {args.bti_feat_bound:g}), last batch image MSE '
+            f'{norm.item():.4f} (bound {args.bti_norm_bound:g}); batches pulled back by the image bound {by_image}, '
+            f'by the feature bound {by_features}, of {steps}')
 
 
 @torch.no_grad()

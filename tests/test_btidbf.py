@@ -46,15 +46,20 @@ def test_the_pull_back_holds_the_generator_near_its_image_bound():
     batches = lambda name: [(x, y)]
     model = select_model('WRN-10-1', 4).eval().requires_grad_(False)
     mask = torch.full_like(model.to_features(x[:1]), 0.5)
-    mse = {}
+    mse, lines = {}, {}
     for bound in (0.05, float('inf')):
         torch.manual_seed(0)
         gen = Generator()
         opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
-        invert(gen, opt, model, mask, batches, args(bti_norm_bound=bound, bti_gen_epochs=20), CPU, 0, lambda s: None)
+        lines[bound] = []
+        invert(gen, opt, model, mask, batches, args(bti_norm_bound=bound, bti_gen_epochs=20), CPU, 0, lines[bound].append)
         with torch.no_grad():
             mse[bound] = F.mse_loss(gen(x), x).item()
     assert mse[0.05] < 0.25 and mse[float('inf')] > 4 * mse[0.05], mse
+    # each pass's line says which bound pulled its batch back (one batch a pass here)
+    pulled = lambda line: line.split('pulled back by the image bound ')[1].split(',')[0]
+    assert len(lines[0.05]) == 20 and all(pulled(line) == '0' for line in lines[float('inf')])
+    assert sum(pulled(line) == '1' for line in lines[0.05]) >= 10, lines[0.05]
 
 
 def test_the_benign_mask_learns_only_where_the_head_reads():
