@@ -227,7 +227,6 @@ BTIDBF = dict(epochs=150, lr=1e-4, batch_size=128, momentum=0.9, nesterov=False,
               bti_share=0.1,        # int(0.1 * batch + 1) generated images
               rho=0.0)              # no path-aware point: plain Adam
 NC_PASSES = 1000               # NC's most passes over 1000 images per class (the original's STEPS); its early stop ends each class sooner
-MCR_EPOCHS = 40               # the reference's 100 curve epochs take 6 minutes a cell here (results/README.md: the effect)
 DEFENSES = {
     'ft': FT,
     'nad': NAD,
@@ -316,13 +315,17 @@ DEFENSES = {
                   ibau_reg=0.001,      # weight of |delta|^2 in the inner loss
                   ibau_share=0.01),    # share of a batch carrying the perturbation in the outer loss
     # MCR (Zhao et al., ICLR 2020) IBM/model-sanitization backdoor-cifar train.py: Bezier curve, 3 bends (the ends
-    # fixed), SGD lr 0.01 momentum 0.9, L2 1e-4 on the bend, batch 128, 100 epochs with its schedule; the ends
-    # here: the backdoored model and FT's teacher (shared with NAD and ARGD)
-    'mcr': dict(epochs=MCR_EPOCHS, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                optimizer='sgd', schedule='curve', augment=True, drop_last=True, cutout=0,  # its VGG transform: crop + flip
-                t_model=None,          # the curve's end: FT's teacher (None: <checkpoint_root>/t_net/<s_name>.tar, made if absent)
-                mcr_t='auto',          # the point written as the model: auto = best held-out accuracy of t = 0.5 ... 0.9
-                mcr_held_out=0.1),     # share of the clean subset kept from the curve to choose t on
+    # fixed), SGD lr 0.01 momentum 0.9, L2 1e-4 on the bend, batch 128, 100 epochs with its schedule, of the clean
+    # images tiled into 10,000-image epochs (data.loaders_part_test) through its test transform (no crop, no flip,
+    # every batch: its DataLoader keeps the last); the ends here: the backdoored model and FT's recipe on the part
+    # of the subset the curve trains on
+    'mcr': dict(epochs=100, lr=0.01, batch_size=128, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                optimizer='sgd', schedule='curve', augment=False, drop_last=False, cutout=0,
+                mcr_epoch_images=10000,  # the reference's epoch: its 50 images tiled 200 times
+                t_model=None,          # the curve's end: None = FT's recipe on the nine tenths, made beside the output
+                mcr_t='auto',          # the point written as the model: auto = the first whose held-out loss is
+                #                        level with that at t = 0.9, within 2 standard errors (defenses/mcr.py)
+                mcr_held_out=0.1),     # share of the clean subset kept from the bend and the end to choose t on
     # STRIP (Gao et al., ACSAC 2019; garrisongys/STRIP), a run-time input filter, not an eraser: main_strip.py, its
     # own table (results/README.md), not a column of the erasers' table
     'strip': dict(strip_n=100,       # clean overlays per input (the reference's n_sample)

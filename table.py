@@ -84,7 +84,7 @@ def column_recipe(column):
     recipe = dict(retune=resolved_options('retune.py'), interpolate=resolved_options('interpolate.py'))
     if column in registry():
         recipe['defense'] = resolved_options(DEFENDER, column)
-    if 'teacher' in COLUMNS[column]['needs']:
+    if {'teacher', 'end'} & set(COLUMNS[column]['needs']):  # FT's model, or FT's recipe run by the defense
         recipe['teacher'] = resolved_options(DEFENDER, config.TEACHER_KEY)
     return recipe
 
@@ -256,7 +256,7 @@ def cell_commands(args, attack, seed, work, log_root, given_model=None, names=tu
         d = COLUMNS[name]
         told = [row_target(args, attack) if f is TOLD else f for f in d['flags']]  # MCL is told the row's target
         flags = [*s_model, *told, '--output', output(name)]
-        uses_teacher = 'teacher' in d['needs']  # ARGD, NAD, MCR
+        uses_teacher = 'teacher' in d['needs']  # ARGD, NAD
         flags += ['--t_model', teacher] if uses_teacher else []
         build = model_and_teacher if uses_teacher else model
 

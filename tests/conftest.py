@@ -112,7 +112,7 @@ TOY = {
     'sau': ['--epochs', 4, '--batch_size', 32, '--lr', 0.002],
     'nc': ['--epochs', 6, '--batch_size', 32, '--lr', 0.05],   # the paper's one epoch is 6 steps here
     'i-bau': ['--batch_size', 32],
-    'mcr': ['--epochs', 20, '--batch_size', 32],
+    'mcr': ['--epochs', 20, '--batch_size', 32, '--mcr_epoch_images', 180],  # an epoch: the 180 images the curve trains on
     'argd-si': ['--batch_size', 32, '--lr', 0.01],  # 0.01: see test_argd_without_teacher_fine_tunes_one_and_erases
     'mcl': ['--epochs', 6, '--batch_size', 32, '--inv_epochs', 10],
     'strip': ['--strip_images', 40, '--strip_n', 8],  # a filter: nothing to train
@@ -141,7 +141,7 @@ def toy_flags(key, epochs=None):
     flags = list(TOY.get(key, TOY_DEFAULT))
     if epochs is not None and not spec.filter:
         flags += ['--teacher_epochs' if '--teacher_epochs' in flags else '--epochs', epochs]
-        flags += ['--teacher_epochs', 2] if 'teacher' in spec.needs else []  # its teacher, where it is made first
+        flags += ['--teacher_epochs', 2] if {'teacher', 'end'} & set(spec.needs) else []  # its teacher, made first
     return ['--defense', key, *flags, *([spec.told, 0] if spec.told else [])]
 
 

@@ -16,7 +16,7 @@ from batching import Normalizer
 from poisoning import poison_train_set
 from triggers import apply_trigger as stamp_attack
 from defenses.i_bau import implicit_surrogate, universal_perturbation
-from defenses.mcr import bezier, update_bn
+from defenses.mcr import bezier, first_faded, split, tiled, update_bn
 from defenses.nc import (
     CostSchedule,
     apply_trigger,
@@ -185,6 +185,54 @@ def test_mcr_batchnorm_statistics_are_recomputed_from_the_batches():
     assert torch.allclose(model[0].running_mean, means, atol=1e-6)
     assert torch.allclose(model[0].running_var, variances, atol=1e-5)
     assert model[0].momentum == 0.1 and not model.training
+
+
+def test_mcr_holds_out_a_random_share_tiles_the_rest_and_its_rule_walks_until_the_memory_fades():
+    fit, held = split(40, 0.1, seed=3)
+    assert len(held) == 4 and sorted(fit.tolist() + held.tolist()) == list(range(40))  # disjoint, all of it
+    assert held.tolist() != [36, 37, 38, 39]  # not the subset's last tenth: it comes in class order
+    x, y = torch.arange(3 * 2).view(3, 2), torch.tensor([7, 8, 9])
+    xt, yt = tiled(x, y, 8)  # the reference's loader: in order, the last copy cut short
+    assert yt.tolist() == [7, 8, 9, 7, 8, 9, 7, 8] and torch.equal(xt[4], x[1])
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0])  # the losses at the grid's last point
+    held_loss = {0.9: ref, 0.1: ref - 1.0,                                  # below the reference: remembered
+                 0.2: ref - torch.tensor([0.6, 0.4, 0.6, 0.4]),             # mean -0.5, 2 standard errors 0.12
+                 0.3: ref + torch.tensor([0.4, 0.6, 0.4, 0.6]),             # above it: off the low-loss path
+                 0.4: ref + torch.tensor([0.1, -0.1, 0.1, -0.1])}           # level with it: faded
+    assert first_faded(held_loss, grid=[0.1, 0.2, 0.3, 0.4, 0.9]) == 0.4
+    assert first_faded(held_loss, grid=[0.1, 0.2, 0.3, 0.9]) == 0.9  # never level: the grid's last point
+
+
+@pytest.mark.slow
+def test_mcr_neither_its_end_nor_its_bend_trains_on_the_images_its_rule_reads(backdoored, image_folder, tmp_path,
+                                                                               monkeypatch):
+    import defenses.mcr as mcr
+    from cli import parse_args
+    from defenses import defense_setup
+    from defenses.driver import defend
+    trained = []
+    batches, finetune = mcr.clean_batches, mcr.finetune
+
+    def curve_batches(args, run, normalizer=None, images=None, recipe=None):  # the bend's and BatchNorm's images
+        trained.append(images[0])
+        return batches(args, run, normalizer, images, recipe)
+
+    def end_finetune(args, run, *rest, **kw):  # the end's images
+        trained.append(run.x)
+        return finetune(args, run, *rest, **kw)
+    monkeypatch.setattr(mcr, 'clean_batches', curve_batches)
+    monkeypatch.setattr(mcr, 'finetune', end_finetune)
+    args = parse_args('main_ft.py', ['--defense', 'mcr', '--dataset', 'ImageFolder', '--data_root', image_folder,
+                                     '--s_model', backdoored['path'], '--ratio', 0.5, '--epochs', 1, '--teacher_epochs',
+                                     1, '--batch_size', 32, '--mcr_epoch_images', 180, '--threads', 1, '--device', 'cpu',
+                                     '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path / 'logs'])
+    defend(args)
+    run = defense_setup(args)
+    fit, held = split(len(run.y), args.mcr_held_out, args.seed)
+    assert len(trained) == 2 and len(set(run.y[held].tolist())) > 1  # the end, the curve; held out across classes
+    rows = lambda x: {bytes(i.flatten().cpu().numpy()) for i in x}
+    seen = set().union(*map(rows, trained))
+    assert seen == rows(run.x[fit]) and not seen & rows(run.x[held])
 
 
 def test_strip_superimposes_scores_entropy_and_sets_its_threshold():

@@ -198,11 +198,13 @@ def test_each_defense_erases_the_planted_backdoor(name, backdoored, image_folder
     assert backdoored['metrics']['ASR'] >= 90 and m['ASR'] <= 20 and m['ACC'] >= 80, r.stdout
     if name == 'mcl-tk':  # told the target, it keeps the target class
         assert m['ACC_target'] >= 80, r.stdout
-    written = [p for p in (tmp_path / 'w').rglob('bd*.tar') if p.parent.name != 't_net']
+    written = [p for p in (tmp_path / 'w').rglob('bd*.tar') if p.parent.name not in ('t_net', 'mcr_end')]
     assert len(written) == 1 and list((tmp_path / 'logs').glob('*_bd.csv')), (written, r.stdout)
     assert SAYS.get(name, '') in r.stdout, r.stdout
     if 'teacher' in registry()[name].needs:  # fine-tuned first where none was given
         assert (tmp_path / 'w' / 't_net' / 'bd.tar').exists()
+    if 'end' in registry()[name].needs:  # made beside the model, FT's teacher not made
+        assert list((tmp_path / 'w').rglob('mcr_end/bd.tar')) and not (tmp_path / 'w' / 't_net').exists()
 
 
 # a registry key and the flags that chose the same defense before it had one (today's README commands)
