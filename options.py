@@ -94,10 +94,10 @@ def choose(a):
     a('--defense', help='the defense (config.DEFENSES); `--defense KEY --help` shows the values it runs with')
 
 
-def teacher(a):
+def teacher(a, model_help=None):
     """The teacher a defense distils from or ends its curve at: FT's model (its numbers: FT's entry)."""
-    a('--t_model', help='teacher model (default: <checkpoint_root>/t_net/<s_name>.tar; fine-tuned from --s_model '
-      'first if the file does not exist)')
+    a('--t_model', help=model_help or 'teacher model (default: <checkpoint_root>/t_net/<s_name>.tar; fine-tuned from '
+      '--s_model first if the file does not exist)')
     a('--teacher_epochs', type=int, help='epochs of teacher fine-tuning')
     a('--teacher_lr', type=float, minimum=0, help="initial lr of teacher fine-tuning (its schedule: FT's)")
 

@@ -15,8 +15,7 @@ that memory: it walks from t = 0.1 towards the repaired end and takes the first 
 with the loss at t = 0.9 (per image, paired: the mean difference within +-2 standard errors), where what the
 backdoored weights learned of their own training images has faded and the point fits unseen images as the repaired
 side does (a loss above it: a point off the curve's low-loss path, as on a toy whose images all generalise); 0.9
-if none. Its reference is
-0.9, not the end: the ends' BatchNorm statistics, re-estimated on the curve's plain batches as the reference does,
+if none. Its yardstick is 0.9, not the end: the ends' BatchNorm statistics, re-estimated on the curve's plain batches as the reference does,
 do not fit weights trained under crop and flip (the zoo's BadNets model: test ACC 83.35 -> 69.05), so both ends
 score below the interior. Accuracy would not do: on GTSRB it is near 100 along the whole curve. The test ASR and
 ACC along the curve are recorded for the robustness picture only (curve_ASR, curve_ACC), never read by the choice.
@@ -31,9 +30,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import options as groups
+from checkpoints import load_model
 from config import DEFENSES
 from defenses import clean_batches
-from checkpoints import load_model
 from defenses.ft import check_student, finetune
 from defenses.ft_at import fine_tuning_options
 from device import autocast
@@ -51,12 +50,13 @@ FINDINGS = ('mcr_t', 'curve_ASR', 'curve_ACC', 'curve_held_out', 'curve_held_los
 
 PATH = [i / 10 for i in range(11)]  # the points the curve is scored at
 GRID = PATH[1:-1]                   # those t may be chosen from: the interior
-SIGNIFICANT = 2.0                   # standard errors of the paired held-out loss difference that count as below
+SIGNIFICANT = 2.0                   # standard errors of the paired held-out loss difference still counted as level
 
 
 def options(add):
     fine_tuning_options(add)
-    groups.teacher(add)  # the curve's end (t = 1) and its fine-tuning
+    groups.teacher(add, model_help="MCR: the curve's end, t = 1 (default: FT's recipe run on the nine tenths of the "
+                   "subset the rule does not read, kept in mcr_end/ beside --output)")  # and its fine-tuning's numbers
     add('--mcr_held_out', type=float, minimum=0, help="MCR: share of the clean subset kept from the bend and the end "
         'to choose t on')
     add('--mcr_epoch_images', type=int, minimum=1, help="MCR: images per curve epoch, the rest of the subset tiled "
