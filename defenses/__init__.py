@@ -6,8 +6,9 @@ A defense module declares, in itself:
   KEYS      {key: dict(label=..., told=None or the flag that tells it the row's target, needs=(...))}: the
             registered defenses it implements (each needs an entry of numbers in config.DEFENSES); needs
             names what the run must be given: 'teacher' (FT's model, made first if absent), or makes itself:
-            'end' (FT's recipe on part of the subset, MCR's curve end; the table keys it with FT's numbers); filter=True: a
-            run-time input filter that leaves the model as it is (STRIP), not a column of the erasers' table
+            'end' (FT's recipe on part of the subset, MCR's curve end; the table keys it with FT's numbers);
+            filter=True: a run-time input filter that leaves the model as it is (STRIP), not a column of the
+            erasers' table
   FINDINGS  what the table records of its summary (flagged classes, chosen t, ...)
   options(add)   its command-line options: option groups (options.py) and its own, each declared once
   check(args)    (optional) its own checks of those options, before any work starts

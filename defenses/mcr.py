@@ -15,10 +15,11 @@ that memory: it walks from t = 0.1 towards the repaired end and takes the first 
 with the loss at t = 0.9 (per image, paired: the mean difference within +-2 standard errors), where what the
 backdoored weights learned of their own training images has faded and the point fits unseen images as the repaired
 side does (a loss above it: a point off the curve's low-loss path, as on a toy whose images all generalise); 0.9
-if none. Its yardstick is 0.9, not the end: the ends' BatchNorm statistics, re-estimated on the curve's plain batches as the reference does,
-do not fit weights trained under crop and flip (the zoo's BadNets model: test ACC 83.35 -> 69.05), so both ends
-score below the interior. Accuracy would not do: on GTSRB it is near 100 along the whole curve. The test ASR and
-ACC along the curve are recorded for the robustness picture only (curve_ASR, curve_ACC), never read by the choice.
+if none. Its yardstick is 0.9, not the end: the ends' BatchNorm statistics, re-estimated on the curve's plain
+batches as the reference does, do not fit weights trained under crop and flip (the zoo's BadNets model: test ACC
+83.35 -> 69.05), so both ends score below the interior. Accuracy would not do: on GTSRB it is 100 along the whole
+curve. The test ASR and ACC along the curve are recorded for the robustness picture only (curve_ASR, curve_ACC),
+never read by the choice.
 """
 import copy
 import math
