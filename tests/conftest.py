@@ -83,7 +83,8 @@ def train_toy(image_folder, out, name, *flags):
     r = run_script('train_badnet.py', '--dataset', 'ImageFolder', '--data_root', image_folder, '--arch', 'WRN-10-1',
                    '--epochs', 15, '--batch_size', 32, '--lr', 0.05, '--output', ckpt,
                    '--trigger_type', 'squareTrigger', '--trig_w', 5, '--trig_h', 5, '--no_augment',
-                   '--log_root', out, '--seed', 1, '--compile', 'off', *flags)  # compiling costs more than it saves here
+                   '--log_root', out, '--seed', 1, '--compile', 'off',  # compiling costs more than it saves here
+                   '--device', 'cpu', *flags)  # the toy defenses' flags were measured on CPU-trained models
     assert r.returncode == 0, r.stderr
     return {'path': ckpt, 'dir': str(out), 'stdout': r.stdout, 'metrics': summary(r.stdout)}
 

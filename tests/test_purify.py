@@ -172,7 +172,7 @@ def test_mcl_tk_leaves_the_target_images_out_of_the_contrastive_term_and_adds_cl
 
 def common(backdoored, image_folder, tmp_path):
     return ['--dataset', 'ImageFolder', '--data_root', image_folder, '--s_model', backdoored['path'], '--ratio', 0.5,
-            '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path / 'logs']
+            '--checkpoint_root', tmp_path / 'w', '--log_root', tmp_path / 'logs', '--device', 'cpu']
 
 
 # what a defense's run says beyond its scores, where it says something of its own
