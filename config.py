@@ -288,6 +288,7 @@ DEFENSES = {
     # batch 128, crop + flip; pruned at mask <= 0.2 (ANP's threshold: RNP's code tabulates thresholds on test sets)
     'rnp': dict(epochs=20, lr=0.2, batch_size=128, momentum=0.9, nesterov=False, weight_decay=0.0, optimizer='sgd',
                 schedule='constant', milestones=(), factors=(1,), augment=True, drop_last=False, cutout=0,
+                rnp_ratio=0.01,        # its data: --ratio 0.01, "500 defense data" (its README), 4 steps a pass
                 rnp_unlearn_lr=0.01, rnp_unlearn_epochs=20, rnp_unlearn_milestones=(10, 20),
                 rnp_unlearn_weight_decay=5e-4,
                 rnp_floor=0.2,         # clean_threshold: the unlearning stops at this accuracy on the subset

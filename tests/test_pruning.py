@@ -165,3 +165,16 @@ def test_rnp_unlearning_ascends_the_loss_and_stops_at_the_floor():
 def dict_args(args, **changes):
     from types import SimpleNamespace
     return SimpleNamespace(**dict(vars(args), **changes))
+
+
+def test_rnp_data_is_the_first_part_of_the_defenders_subset():
+    """RNP's 1% (--rnp_ratio) is cut from the same seeded draw as the defender's 5%: every one of its images is in
+    the defender's subset, and there are as many as the reference's share of the training set."""
+    from subsets import clean_subset
+    x = torch.arange(2000).view(-1, 1)  # each image its own index
+    y = torch.arange(2000) % 10
+    for seed in (0, 1):
+        part, whole = clean_subset(x, y, 0.01, seed), clean_subset(x, y, 0.05, seed)
+        assert len(part[1]) == 20 and len(whole[1]) == 100
+        assert set(part[0].flatten().tolist()) <= set(whole[0].flatten().tolist())
+    assert set(clean_subset(x, y, 0.01, 0)[0].flatten().tolist()) != set(clean_subset(x, y, 0.01, 1)[0].flatten().tolist())
