@@ -5,9 +5,9 @@ at most the threshold (their BatchNorm weight set to 0) (main_ft.py --defense rn
 
 Its data is the reference's share of the training set (--rnp_ratio: 500 CIFAR-10 images, as its README runs it), the
 first images of the seeded draw the defender's subset is cut from, so a part of that subset; its steps a pass are the
-reference's. On the whole 5% subset each pass ran 5 times the steps and the recovery 400 steps, not 80: the recovery
-then zeroed 59-159 of WRN-16-1's 464 neurons and every zoo cell warned (results/log.md). The defender's check reads
-the whole subset.
+reference's. On the whole 5% subset each pass ran 5 times the steps and the recovery 400 steps, not 80: the first six
+zoo cells so pruned 59-159 of WRN-16-1's 464 neurons, each warned (results/log.md). The defender's check reads the
+whole subset.
 
 The unlearning is its own short loop (at most rnp_unlearn_epochs + 1 passes, stopped by the floor; deterministic on
 the CPU, so a resumed run repeats it); the recovery runs through the one training loop (--epochs, --lr: the masks'),
